@@ -1,0 +1,186 @@
+"""Typed config loading: YAML differences, dotted overrides, type conversion, and errors that name key and file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import pytest
+import yaml
+
+from launch.config import (
+    ConfigError,
+    config_from_dict,
+    describe,
+    load_config,
+    opt,
+    parse_cli,
+    save_config,
+    section,
+    to_dict,
+)
+from launch.sections import OptimConfig, RunConfig
+
+
+@dataclass
+class Inner:
+    lr: float = opt(1e-3, "learning rate")
+    steps: int = opt(10, "steps")
+    betas: tuple[float, float] = opt((0.9, 0.95), "betas")
+    names: tuple[str, ...] = opt(("a",), "names")
+    clip: float | None = opt(None, "clip")
+    mode: Literal["fast", "slow"] = opt("fast", "mode")
+    flag: bool = opt(False, "flag")
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError("steps must be >= 0")
+
+
+@dataclass
+class Outer:
+    name: str = opt("run", "name")
+    inner: Inner = section(Inner)
+
+
+def write(tmp_path, name, data):
+    p = tmp_path / name
+    p.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return str(p)
+
+
+def test_defaults_when_nothing_given():
+    cfg = load_config(Outer, [])
+    assert cfg == Outer()
+    assert cfg.inner.betas == (0.9, 0.95)
+
+
+def test_yaml_then_overrides_in_order(tmp_path):
+    a = write(tmp_path, "a.yaml", {"name": "from_a", "inner": {"steps": 5, "lr": 0.5}})
+    b = write(tmp_path, "b.yaml", {"inner": {"steps": 7}})
+    cfg = load_config(Outer, [a, b, "inner.lr=0.25"])
+    assert cfg.name == "from_a"  # a only
+    assert cfg.inner.steps == 7  # b beats a
+    assert cfg.inner.lr == 0.25  # command line beats both
+    assert cfg.inner.mode == "fast"  # untouched default
+
+
+def test_values_converted_by_field_type(tmp_path):
+    # YAML 1.1 reads 1e-3 as a string; the field type makes it a float.
+    f = write(tmp_path, "c.yaml", "inner:\n  lr: 1e-3\n  steps: 1e3\n")
+    cfg = load_config(Outer, [f, "inner.betas=0.8,0.99", "inner.names=[x, y]", "inner.flag=yes", "inner.clip=1"])
+    assert isinstance(cfg.inner.lr, float) and cfg.inner.lr == 1e-3
+    assert isinstance(cfg.inner.steps, int) and cfg.inner.steps == 1000
+    assert cfg.inner.betas == (0.8, 0.99)
+    assert cfg.inner.names == ("x", "y")
+    assert cfg.inner.flag is True
+    assert cfg.inner.clip == 1.0 and isinstance(cfg.inner.clip, float)
+    assert load_config(Outer, ["inner.clip=none"]).inner.clip is None
+    assert load_config(Outer, ["name=123"]).name == "123"
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("inner.steps=1.5", "expected an integer"),
+        ("inner.lr=fast", "expected a number"),
+        ("inner.flag=maybe", "expected a boolean"),
+        ("inner.mode=medium", "not one of"),
+        ("inner.betas=0.9", "expected 2 values"),
+        ("inner.steps=true", "expected an integer"),
+    ],
+)
+def test_wrong_types_rejected_naming_key(override, needle):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as err:
+        load_config(Outer, [override])
+    assert needle in str(err.value)
+    assert f"'{key}'" in str(err.value)
+    assert "command line" in str(err.value)
+
+
+def test_unknown_key_names_key_file_and_suggestion(tmp_path):
+    f = write(tmp_path, "typo.yaml", {"inner": {"lrr": 0.1}})
+    with pytest.raises(ConfigError) as err:
+        load_config(Outer, [f])
+    msg = str(err.value)
+    assert "'inner.lrr'" in msg and f in msg and "inner.lr" in msg
+    with pytest.raises(ConfigError, match="unknown config key 'nme'.*command line"):
+        load_config(Outer, ["nme=x"])
+
+
+def test_wrong_type_in_file_names_the_file(tmp_path):
+    f = write(tmp_path, "bad.yaml", {"inner": {"steps": "many"}})
+    with pytest.raises(ConfigError) as err:
+        load_config(Outer, [f])
+    assert f in str(err.value) and "'inner.steps'" in str(err.value)
+
+
+def test_section_given_a_scalar_is_an_error():
+    with pytest.raises(ConfigError, match="is a section"):
+        load_config(Outer, ["inner=3"])
+
+
+def test_post_init_checks_become_config_errors(tmp_path):
+    f = write(tmp_path, "neg.yaml", {"inner": {"steps": -1}})
+    with pytest.raises(ConfigError) as err:
+        load_config(Outer, [f])
+    assert "steps must be >= 0" in str(err.value) and f in str(err.value)
+
+
+def test_missing_file_and_bad_arguments(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(Outer, [str(tmp_path / "nope.yaml")])
+    with pytest.raises(ConfigError, match="neither a YAML file"):
+        load_config(Outer, ["just-a-word"])
+    f = write(tmp_path, "list.yaml", "- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(Outer, [f])
+    f = write(tmp_path, "broken.yaml", "a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(Outer, [f])
+
+
+def test_empty_yaml_means_defaults(tmp_path):
+    assert load_config(Outer, [write(tmp_path, "empty.yaml", "")]) == Outer()
+
+
+def test_round_trip_through_saved_yaml_and_dict(tmp_path):
+    cfg = load_config(Outer, ["inner.lr=0.2", "inner.betas=0.5,0.6", "inner.clip=3"])
+    path = tmp_path / "config.yaml"
+    save_config(cfg, path)
+    assert load_config(Outer, [str(path)]) == cfg
+    assert config_from_dict(Outer, to_dict(cfg)) == cfg
+    with pytest.raises(ConfigError, match="unknown config key 'inner.extra'"):
+        config_from_dict(Outer, {"inner": {"extra": 1}}, source="checkpoint")
+
+
+def test_mutable_defaults_are_not_shared():
+    a, b = Outer(), Outer()
+    assert a.inner is not b.inner
+
+
+def test_describe_lists_every_leaf_key():
+    lines = "\n".join(describe(Outer))
+    for key in ("name", "inner.lr", "inner.betas", "inner.mode", "inner.flag"):
+        assert f"  {key} (" in lines
+    assert "learning rate" in lines
+
+
+def test_parse_cli_exits_with_message(capsys):
+    with pytest.raises(SystemExit) as err:
+        parse_cli(Outer, ["inner.nope=1"], prog="prog")
+    assert "prog: unknown config key 'inner.nope'" in str(err.value.code)
+    with pytest.raises(SystemExit) as err:
+        parse_cli(Outer, ["--help"], prog="prog")
+    assert err.value.code == 0
+    assert "inner.lr" in capsys.readouterr().out
+
+
+def test_shared_sections_validate_and_scale_lr():
+    assert OptimConfig().peak_lr(4096) == pytest.approx(1.5e-4 * 16)
+    assert OptimConfig(lr=0.01).peak_lr(4096) == 0.01
+    with pytest.raises(ValueError, match="grad_accum_steps"):
+        OptimConfig(grad_accum_steps=0)
+    with pytest.raises(ValueError, match="unknown trackers"):
+        RunConfig(trackers=("tensorbored",))
