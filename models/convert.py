@@ -1,0 +1,178 @@
+"""Weight interop: read official MAE, Hugging Face ViTMAE, timm and Tessera checkpoints; write timm-named encoders.
+
+Library use: `load_state_dict(path)`, `detect_format(sd)`, `to_mae_state_dict(sd)`, `to_encoder_state_dict(sd)`,
+`to_hf_state_dict(sd)`, `save_encoder(sd, path)`, `load_mae_weights(model, sd)`, `check_state_dict(model, sd)`.
+Command line:
+    python models/convert.py --input mae_pretrain_vit_base_full.pth --output encoder.safetensors [--to encoder|mae|hf]
+The exported encoder loads with
+    timm.create_model("vit_base_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file=path), num_classes=0)
+Nothing is unpickled beyond tensors and plain containers (`weights_only=True`, or safetensors).
+"""
+
+import argparse
+import json
+import os
+import pickle
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import the package, not the sibling files
+    _root = str(Path(__file__).resolve().parents[1])
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+    sys.path.insert(0, _root)
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.hf_keys import hf_to_official, is_hf, official_to_hf
+from models.state_check import CheckpointMismatch, check_state_dict
+
+__all__ = ["load_state_dict", "detect_format", "to_official", "to_mae_state_dict", "to_encoder_state_dict",
+           "to_hf_state_dict", "save_encoder", "load_mae_weights", "check_state_dict", "CheckpointMismatch", "main"]
+
+FORMATS = ("tessera", "official", "hf", "timm")
+_DECODER = ("decoder_", "mask_token")
+_WRAPPERS = ("model", "state_dict", "module", "model_state")
+_PREFIXES = ("module.", "_orig_mod.")  # DDP / DeepSpeed wrappers, torch.compile
+
+
+def load_state_dict(path) -> dict[str, torch.Tensor]:
+    """Read a flat {name: tensor} dict from .safetensors, a torch file, or an HF model directory."""
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / n for n in ("model.safetensors", "encoder.safetensors", "pytorch_model.bin")]
+        found = [c for c in candidates if c.is_file()]
+        if not found:
+            names = ", ".join(c.name for c in candidates)
+            raise FileNotFoundError(f"no weights in directory {path} (looked for {names})")
+        path = found[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        return _clean(load_file(str(path)))
+    try:
+        # argparse.Namespace is a plain attribute bag; the official trainer pickles its args into checkpoints.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path} holds Python objects other than tensors and plain containers; refusing to "
+                         f"unpickle it (weights_only=True). Re-save its state dict. Details: {err}") from None
+    for _ in range(2):  # {"model": {...}} or {"state_dict": {"module": ...}}
+        if isinstance(obj, dict):
+            inner = next((obj[w] for w in _WRAPPERS if isinstance(obj.get(w), dict)), None)
+            if inner is not None and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+                obj = inner
+    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path} does not contain a state dict (found {type(obj).__name__})")
+    return _clean({k: v for k, v in obj.items() if isinstance(v, torch.Tensor)})
+
+
+def _clean(sd: dict) -> dict:
+    out = {}
+    for k, v in sd.items():
+        for p in _PREFIXES:
+            while k.startswith(p):
+                k = k[len(p):]
+        out[k] = v
+    return out
+
+
+def detect_format(sd: dict) -> str:
+    """"tessera" (encoder.* + decoder_*), "hf" (ViTMAE), "official" (timm names + decoder_*) or "timm" (encoder)."""
+    sd = _clean(sd)
+    if "encoder.cls_token" in sd or any(k.startswith("encoder.blocks.") for k in sd):
+        return "tessera"
+    if is_hf(sd):
+        return "hf"
+    if any(k.startswith(_DECODER) for k in sd):
+        return "official"
+    if "cls_token" in sd or any(k.startswith("blocks.") for k in sd):
+        return "timm"
+    raise ValueError(f"unrecognised checkpoint layout; first keys: {sorted(sd)[:8]}")
+
+
+def to_official(sd: dict) -> dict[str, torch.Tensor]:
+    """Any supported format -> official MAE names (timm encoder names, decoder_* at top level)."""
+    sd = _clean(sd)
+    fmt = detect_format(sd)
+    if fmt == "tessera":
+        return {k[len("encoder."):] if k.startswith("encoder.") else k: v for k, v in sd.items()}
+    if fmt == "hf":
+        return hf_to_official(sd)
+    return dict(sd)
+
+
+def to_mae_state_dict(sd: dict) -> dict[str, torch.Tensor]:
+    """Any supported format -> MaskedAutoencoder keys (`encoder.<timm name>` + decoder_*)."""
+    return {k if k.startswith(_DECODER) else f"encoder.{k}": v for k, v in to_official(sd).items()}
+
+
+def to_encoder_state_dict(sd: dict) -> dict[str, torch.Tensor]:
+    """Any supported format -> encoder weights under timm names (decoder, mask token and classifier head dropped)."""
+    return {k: v for k, v in to_official(sd).items() if not k.startswith(_DECODER + ("head.",))}
+
+
+def to_hf_state_dict(sd: dict, spelling: str = "v4") -> dict[str, torch.Tensor]:
+    """Any supported format -> HF ViTMAEForPreTraining names ("v4": hub files; "v5": transformers 5 in memory)."""
+    return official_to_hf(to_official(sd), spelling)
+
+
+def save_encoder(sd: dict, path, encoder_cfg: dict | None = None) -> Path:
+    """Write encoder-only weights under timm key names as safetensors (encoder_cfg goes into the metadata)."""
+    enc = {k: v.detach().to("cpu").contiguous() for k, v in to_encoder_state_dict(sd).items()}
+    meta = {"format": "pt", "layout": "timm-vit-encoder"}
+    if encoder_cfg is not None:
+        meta["encoder_cfg"] = json.dumps(encoder_cfg)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(enc, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def load_mae_weights(model, sd: dict, require_decoder: bool = False) -> dict:
+    """Load any supported checkpoint into a MaskedAutoencoder; encoder-only checkpoints keep the fresh decoder.
+
+    Raises CheckpointMismatch naming each missing, unexpected or wrongly shaped key.
+    """
+    mae_sd = to_mae_state_dict(sd)
+    has_decoder = any(k.startswith(_DECODER) for k in mae_sd)
+    allow = () if (require_decoder or has_decoder) else ("decoder_*", "mask_token")
+    report = check_state_dict(model, mae_sd, allow_missing=allow)
+    model.load_state_dict(mae_sd, strict=False)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--input", required=True, help="checkpoint: .pth/.pt/.bin, .safetensors or an HF model dir")
+    ap.add_argument("--output", required=True, help="output file (.safetensors recommended)")
+    ap.add_argument("--to", choices=("encoder", "mae", "hf"), default="encoder",
+                    help="encoder: timm-named encoder; mae: Tessera MaskedAutoencoder keys; hf: HF ViTMAE hub names")
+    args = ap.parse_args(argv)
+    sd = load_state_dict(args.input)
+    fmt = detect_format(sd)
+    if args.to == "encoder":
+        out = to_encoder_state_dict(sd)
+    elif args.to == "mae":
+        out = to_mae_state_dict(sd)
+    else:
+        out = to_hf_state_dict(sd, "v4")
+    out_path = Path(args.output)
+    if args.to == "encoder" and out_path.suffix == ".safetensors":
+        save_encoder(out, out_path)
+    elif out_path.suffix == ".safetensors":
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in out.items()}, str(out_path), metadata={"format": "pt"})
+    else:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": out}, out_path)
+    n_params = sum(v.numel() for v in out.values())
+    print(f"{args.input}: {fmt} format, {len(sd)} tensors -> {out_path} ({args.to}, {len(out)} tensors, "
+          f"{n_params:,} values)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
