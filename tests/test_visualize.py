@@ -1,0 +1,197 @@
+"""The visualisation CLI (finetune/visualize.py) on tiny real models: PNG sizes, attention that lands where a
+constructed model puts it (in the maps and in the picture), MAE checkpoints in our and the official layout,
+pictures from the colormap helpers, and clear errors for checkpoints of the wrong kind."""
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import save_file
+
+from data.transforms import eval_transform
+from finetune.visualize import main
+from launch.pictures import IMAGENET_MEAN, IMAGENET_STD, colormap, overlay
+from launch.recon_grid import reconstruct
+from models.convert import save_encoder, to_official
+from models.mae import MaskedAutoencoder
+from models.vit import create_encoder
+
+MAE_ARGS = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
+                decoder_num_heads=2)
+CELL, PAD = 128, 2  # 32 px images are drawn 4x; grid padding
+
+
+def _mae(seed=0):
+    torch.manual_seed(seed)
+    return MaskedAutoencoder(**MAE_ARGS, norm_pix_loss=True).eval()
+
+
+def _run_dir(tmp_path, mae):
+    """A pretraining run directory as pretrain/mae.py leaves it: mae.safetensors + config.yaml naming the variant."""
+    run = tmp_path / "run"
+    run.mkdir()
+    save_file({k: v.contiguous() for k, v in mae.state_dict().items()}, str(run / "mae.safetensors"))
+    overrides = {k: MAE_ARGS[k] for k in MAE_ARGS if k != "img_size"}
+    cfg = {"model": {"name": "mae_vit_tiny_patch4_dec128d2b", "img_size": 32, "mask_ratio": 0.75, "mask_type": "random",
+                     "norm_pix_loss": True, "overrides": {k: str(v) for k, v in overrides.items()}},
+           "data": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return run
+
+
+def _png(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_mae_run_dir_gives_attention_and_reconstruction_pngs(tmp_path):
+    mae = _mae()
+    run = _run_dir(tmp_path, mae)
+    out = tmp_path / "vis"
+    res = main([f"checkpoint={run}", "images=data/sample:test", "num_images=2", f"output_dir={out}", "head_layer=0"])
+    assert res["read_as"] == "mae" and res["format"] == "tessera"
+    assert res["architecture"]["num_heads"] == 2 and res["architecture"]["norm_pix_loss"] is True
+    assert res["notes"] == [] and res["mean"] == [0.5, 0.5, 0.5]
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["attention_heads_block0.png", "attention_layers.png", "reconstruction.png", "summary.json"]
+    layers, heads, recon = (_png(out / n) for n in ("attention_layers.png", "attention_heads_block0.png",
+                                                     "reconstruction.png"))
+    rows = 2 * (CELL + PAD) + PAD
+    # columns: image, block 0, block 1, rollout | image, head 0, head 1, mean | the four reconstruction columns
+    for pic, cols in ((layers, 4), (heads, 4), (recon, 4)):
+        assert pic.shape[1] == cols * (CELL + PAD) + PAD
+        assert rows < pic.shape[0] < rows + 40  # plus the title row
+    maps = res["maps"]
+    assert maps["block0"].shape == (2, 4, 4) and maps["rollout"].shape == (2, 4, 4)
+    torch.testing.assert_close(maps["block0_heads"].mean(1), maps["block0"])
+    assert ((maps["block1"].flatten(1).sum(-1) > 0) & (maps["block1"].flatten(1).sum(-1) <= 1 + 1e-6)).all()
+
+
+def _force_cls_onto(vit, x, patch_index, margin=60.0):
+    """The last block's qkv rewritten so that every query attends to one patch of image 0 (the construction is
+    explained in tests/test_attention_maps.py: constant query, key = projection of the LayerNorm output on the
+    chosen token's, largest at that token by Cauchy-Schwarz)."""
+    last = vit.blocks[-1]
+    seen = {}
+    hook = last.norm1.register_forward_hook(lambda m, i, o: seen.__setitem__("y", o.detach()))
+    with torch.no_grad():
+        vit.forward_features(x)
+    hook.remove()
+    y = seen["y"][0]
+    j = 1 + patch_index
+    u = y[j] / y[j].norm()
+    proj = y @ u
+    gap = (proj[j] - torch.cat([proj[:j], proj[j + 1:]]).max()).item()
+    attn = last.attn
+    c = margin / (gap * attn.scale)
+    d, dh = attn.qkv.in_features, attn.head_dim
+    with torch.no_grad():
+        attn.qkv.weight[: 2 * d].zero_()
+        attn.qkv.bias[: 2 * d].zero_()
+        for h in range(attn.num_heads):
+            attn.qkv.bias[h * dh] = c
+            attn.qkv.weight[d + h * dh] = u
+
+
+def test_forced_attention_shows_up_on_the_chosen_patch_of_the_picture(tmp_path):
+    rng = np.random.default_rng(0)
+    picture = tmp_path / "img.png"
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(picture)
+    x = eval_transform(32, IMAGENET_MEAN, IMAGENET_STD)(Image.open(picture).convert("RGB"))[None]  # what the CLI sees
+    torch.manual_seed(0)
+    vit = create_encoder(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2).eval()
+    r, c = 1, 3
+    _force_cls_onto(vit, x, r * 4 + c)
+    cfg = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=2, mlp_ratio=4.0)
+    weights = save_encoder(vit.state_dict(), tmp_path / "enc" / "encoder.safetensors", encoder_cfg=cfg)
+    out = tmp_path / "vis"
+    res = main([f"checkpoint={weights}", f"images={picture}", f"output_dir={out}", "alpha=1.0", "rollout=false",
+                "head_layer=null", "layers=-1"])
+    assert res["read_as"] == "encoder" and res["notes"] == []
+    heat = res["maps"]["block1"][0]  # [4, 4]
+    assert heat[r, c] > 0.999
+    # the picture: with alpha=1 a cell is pure colormap; its hottest colour sits only inside patch (r, c)
+    pic = _png(out / "attention_layers.png").astype(int)
+    assert pic.shape[1] == 2 * (CELL + PAD) + PAD
+    top = pic.shape[0] - (CELL + PAD)  # the cell's first row (the title row sits above)
+    cell = pic[top:top + CELL, 2 * PAD + CELL:2 * PAD + 2 * CELL]  # [128, 128, 3], column "block 1"
+    hottest = (np.abs(cell - colormap(np.array(1.0), "jet")).sum(-1) <= 3)
+    ys, xs = np.nonzero(hottest)
+    assert len(ys) > 0
+    assert (ys // 32 == r).all() and (xs // 32 == c).all()
+
+
+def test_official_layout_mae_reconstructs_like_the_model_it_came_from(tmp_path):
+    mae = _mae(seed=1)
+    path = tmp_path / "official.pth"
+    torch.save({"model": to_official(mae.state_dict())}, path)
+    out = tmp_path / "vis"
+    res = main([f"checkpoint={path}", "images=data/sample:test", "num_images=2", f"output_dir={out}",
+                "attention=false", "reconstruction=yes", "mean=0.5,0.5,0.5", "std=0.25,0.25,0.25"])
+    assert res["read_as"] == "mae" and res["format"] == "official"
+    notes = " ".join(res["notes"])
+    assert "num_heads=" in notes and "norm_pix_loss" in notes  # heads and targets are guessed, and it says so
+    assert [p.name for p in sorted(out.iterdir())] == ["reconstruction.png", "summary.json"]
+    # the same weights with the right heads and norm-pix targets reproduce the original model's grid exactly
+    out2 = tmp_path / "vis2"
+    main([f"checkpoint={path}", "images=data/sample:test", "num_images=2", f"output_dir={out2}", "attention=false",
+          "num_heads=2", "decoder_num_heads=2", "norm_pix_loss=true", "mean=0.5,0.5,0.5", "std=0.25,0.25,0.25"])
+    from launch.recon_grid import save_reconstruction_grid
+    from finetune.visualize import load_images
+
+    images, _ = load_images("data/sample:test", 2, eval_transform(32, (0.5,) * 3, (0.25,) * 3))
+    ref = save_reconstruction_grid(mae, images, tmp_path / "ref.png", (0.5,) * 3, (0.25,) * 3)
+    assert np.array_equal(_png(out2 / "reconstruction.png"), _png(ref))
+    assert reconstruct(mae, images)["mask"].sum() > 0
+
+
+def test_wrong_kind_of_checkpoint_is_a_clear_error(tmp_path):
+    torch.manual_seed(0)
+    vit = create_encoder(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    enc = save_encoder(vit.state_dict(), tmp_path / "encoder.safetensors")
+    with pytest.raises(SystemExit, match=r"encoder-only weights.*without the MAE decoder.*mae\.safetensors"):
+        main([f"checkpoint={enc}", "reconstruction=yes", f"output_dir={tmp_path / 'o'}"])
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"this is not a checkpoint" * 10)
+    with pytest.raises(SystemExit, match=r"cannot read .*junk\.pth as a checkpoint: expected"):
+        main([f"checkpoint={junk}", f"output_dir={tmp_path / 'o'}"])
+    resnet = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(4, 3, 3, 3), "fc.weight": torch.zeros(2, 4)}, resnet)
+    with pytest.raises(SystemExit, match="not a ViT encoder, MAE or classifier"):
+        main([f"checkpoint={resnet}", f"output_dir={tmp_path / 'o'}"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match="folder without weights"):
+        main([f"checkpoint={empty}", f"output_dir={tmp_path / 'o'}"])
+    with pytest.raises(SystemExit, match="layer 5 does not exist"):
+        main([f"checkpoint={enc}", "images=data/sample:test", "num_images=1", "layers=5",
+              f"output_dir={tmp_path / 'o3'}"])
+
+
+def test_classifier_weights_draw_attention_but_refuse_reconstruction(tmp_path):
+    torch.manual_seed(0)
+    clf = create_encoder(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=3,
+                         global_pool="avg")  # the MAE fine-tuning layout: fc_norm + head, no final norm
+    path = tmp_path / "finetuned.pth"
+    torch.save({"model": clf.state_dict()}, path)
+    out = tmp_path / "vis"
+    res = main([f"checkpoint={path}", "images=data/sample:test", "num_images=1", f"output_dir={out}", "num_heads=2"])
+    assert res["read_as"] == "classifier"
+    assert (out / "attention_layers.png").is_file() and not (out / "reconstruction.png").exists()
+    with pytest.raises(SystemExit, match="a classifier"):
+        main([f"checkpoint={path}", "reconstruction=yes", f"output_dir={out}"])
+
+
+def test_colormap_and_overlay():
+    # viridis ends and jet's analytic corners
+    assert colormap(np.array([0.0, 1.0]), "viridis").tolist() == [[68, 1, 84], [253, 231, 37]]
+    assert colormap(np.array([0.0, 0.5, 1.0]), "jet").tolist() == [[0, 0, 128], [128, 255, 128], [128, 0, 0]]
+    base = Image.new("RGB", (16, 8), (10, 20, 30))
+    heat = torch.tensor([[0.0, 1.0]])  # left cold, right hot
+    full = np.asarray(overlay(base, heat, alpha=1.0, cmap="jet")).astype(int)
+    assert full.shape == (8, 16, 3)
+    assert full[:, 0].tolist() == [[0, 0, 128]] * 8 and full[:, -1].tolist() == [[128, 0, 0]] * 8
+    none = np.asarray(overlay(base, heat, alpha=0.0))
+    assert (none == [10, 20, 30]).all()
+    with pytest.raises(ValueError, match="colormap"):
+        colormap(np.zeros(2), "rainbow")
