@@ -1,0 +1,1 @@
+"""Tessera data layer: shard writing, dataset description, transforms and streaming train/eval loaders."""

@@ -1,0 +1,152 @@
+"""Resolve a dataset spec (folder with dataset.json, `folder:split`, brace pattern, URL) to shard URLs and counts.
+
+Spec forms:
+- `data/sample` or `data/sample:test`: a folder holding dataset.json (see data/make_shards.py); split default train.
+- `path/to/dataset.json` or `path/to/dataset.json:test`: the same, naming the file.
+- `/shards/train-{000000..000099}.tar` or a list of paths: local shards; counts come from a dataset.json next to
+  them when it lists these shard names, else they are unknown (None).
+- `pipe:aws s3 cp s3://bucket/train-{000000..000099}.tar -`, `https://host/train-{000000..000009}.tar`, any
+  `scheme:` that webdataset's gopen knows (see docs/DATA.md): taken as given, counts unknown.
+Several patterns can be joined with `::` (webdataset's convention).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import webdataset as wds
+
+DEFAULT_SPLIT = "train"
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")  # pipe:, http:, s3:, gs:, file: ...
+
+
+class DatasetError(ValueError):
+    """A dataset spec that cannot be used: the message names the path or URL and what is wrong."""
+
+
+@dataclass
+class DatasetInfo:
+    urls: list[str]
+    num_samples: int | None = None  # None when shard sizes are unknown (plain patterns, remote URLs)
+    num_classes: int = 0  # 0 when unlabelled or unknown
+    class_names: list[str] | None = None
+    shard_sizes: list[int] | None = None  # samples per shard, same order as urls
+    split: str | None = None
+    labelled: bool | None = None
+    meta: dict = field(default_factory=dict, repr=False)  # the split's dataset.json entry, if any
+
+
+def _is_url(s: str) -> bool:
+    return bool(_URL.match(s)) and not os.path.exists(s) and not s.startswith("file:")
+
+
+def _split_spec(spec: str) -> tuple[str, str | None]:
+    """`folder:split` -> (folder, split); anything else -> (spec, None)."""
+    if ":" in spec and not spec.startswith(("pipe:", "file:")) and "://" not in spec:
+        head, _, tail = spec.rpartition(":")
+        if tail and "/" not in tail and "{" not in tail and (Path(head).is_dir() or head.endswith(".json")):
+            return head, tail
+    return spec, None
+
+
+def _from_json(meta_path: Path, split: str | None) -> DatasetInfo:
+    try:
+        meta = json.loads(meta_path.read_text())
+    except OSError as exc:
+        raise DatasetError(f"cannot read dataset description {meta_path}: {exc}") from exc
+    except ValueError as exc:
+        raise DatasetError(f"dataset description {meta_path} is not valid JSON: {exc}") from exc
+    splits = meta.get("splits")
+    if not isinstance(splits, dict):
+        raise DatasetError(f"{meta_path} has no 'splits' table (not written by data/make_shards.py?)")
+    split = split or DEFAULT_SPLIT
+    if split not in splits:
+        raise DatasetError(f"{meta_path} has no split '{split}' (it has: {', '.join(sorted(splits)) or 'none'})")
+    entry = splits[split]
+    shards = entry["shards"]
+    urls = [str(meta_path.parent / s["name"]) for s in shards]
+    missing = [u for u in urls if not os.path.exists(u)]
+    if missing:
+        raise DatasetError(f"{len(missing)} shard(s) listed in {meta_path} are missing, e.g. {missing[0]}")
+    names = entry.get("class_names")
+    return DatasetInfo(
+        urls=urls,
+        num_samples=int(entry["num_samples"]),
+        num_classes=int(entry.get("num_classes") or (len(names) if names else 0)),
+        class_names=names,
+        shard_sizes=[int(s["num_samples"]) for s in shards],
+        split=split,
+        labelled=entry.get("labelled"),
+        meta=entry,
+    )
+
+
+def _sizes_from_neighbour_json(urls: list[str]) -> DatasetInfo | None:
+    """Counts for local shards when a dataset.json in their folder lists all of them."""
+    folders = {Path(u).parent for u in urls}
+    if len(folders) != 1:
+        return None
+    meta_path = next(iter(folders)) / "dataset.json"
+    if not meta_path.exists():
+        return None
+    try:
+        splits = json.loads(meta_path.read_text()).get("splits", {})
+    except (OSError, ValueError):
+        return None
+    for split, entry in splits.items():
+        sizes = {s["name"]: int(s["num_samples"]) for s in entry.get("shards", [])}
+        if all(Path(u).name in sizes for u in urls):
+            names = entry.get("class_names")
+            shard_sizes = [sizes[Path(u).name] for u in urls]
+            return DatasetInfo(urls=urls, num_samples=sum(shard_sizes), num_classes=len(names) if names else 0,
+                               class_names=names, shard_sizes=shard_sizes, split=split,
+                               labelled=entry.get("labelled"), meta=entry)
+    return None
+
+
+def resolve(spec: str | os.PathLike | Sequence[str], split: str | None = None) -> DatasetInfo:
+    """Turn a dataset spec into shard URLs (+ counts and class names when a dataset.json describes them).
+
+    Raises DatasetError naming the path when a folder, dataset.json, split or local shard is missing, or the
+    pattern expands to nothing.
+    """
+    if isinstance(spec, (list, tuple)):
+        urls = [u for s in spec for u in wds.shardlists.expand_urls(str(s))]
+    else:
+        spec = str(spec)
+        if not spec.strip():
+            raise DatasetError("empty dataset spec")
+        path, spec_split = _split_spec(spec)
+        split = split or spec_split
+        p = Path(path)
+        if p.is_dir():
+            meta_path = p / "dataset.json"
+            if not meta_path.exists():
+                raise DatasetError(f"{p} is a folder without dataset.json (write shards with data/make_shards.py, "
+                                   f"or pass a shard pattern like {p}/train-{{000000..000009}}.tar)")
+            return _from_json(meta_path, split)
+        if path.endswith(".json"):
+            if not p.exists():
+                raise DatasetError(f"dataset description not found: {p}")
+            return _from_json(p, split)
+        urls = wds.shardlists.expand_urls(spec)
+    if not urls:
+        raise DatasetError(f"dataset spec {spec!r} expands to no shards")
+    local = [u for u in urls if not _is_url(u)]
+    if local:
+        missing = [u for u in local if not os.path.exists(u.removeprefix("file:"))]
+        if len(urls) == 1 and missing:
+            raise DatasetError(f"dataset not found: {missing[0]}")
+        if missing:
+            raise DatasetError(f"{len(missing)} of {len(urls)} shard(s) not found: {', '.join(missing[:3])}"
+                               + (", ..." if len(missing) > 3 else ""))
+        if len(local) == len(urls):
+            info = _sizes_from_neighbour_json(urls)
+            if info is not None:
+                return info
+    return DatasetInfo(urls=list(urls))
