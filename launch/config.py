@@ -153,9 +153,20 @@ def _unknown(key: str, cls: type, source: str, prefix: str) -> ConfigError:
     return ConfigError(f"unknown config key '{prefix}{key}' (from {source}){hint}")
 
 
-def _build(cls: type[T], values: Mapping[str, Any], sources: Mapping[str, str], prefix: str = "") -> T:
+def _section_default(cls: type, name: str) -> Any:
+    """The default instance of a nested section field (its factory's product), so overrides start from it."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _build(cls: type[T], values: Mapping[str, Any], sources: Mapping[str, str], prefix: str = "", base: Any = None) -> T:
+    """`cls(**values)` with conversion; fields not given keep `base`'s values (or the class defaults)."""
     hints = get_type_hints(cls)
     kwargs: dict[str, Any] = {}
+    if base is not None:
+        kwargs = {f.name: getattr(base, f.name) for f in dataclasses.fields(cls) if f.init}
     for name, value in values.items():
         key = prefix + name
         source = sources.get(key, sources.get(prefix.rstrip("."), COMMAND_LINE))
@@ -165,7 +176,8 @@ def _build(cls: type[T], values: Mapping[str, Any], sources: Mapping[str, str], 
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"config key '{key}' (from {source}): is a section; give its keys, e.g. {key}.<name>=...")
-            kwargs[name] = _build(tp, value, sources, key + ".")
+            nested_base = getattr(base, name) if base is not None else _section_default(cls, name)
+            kwargs[name] = _build(tp, value, sources, key + ".", base=nested_base)
         else:
             kwargs[name] = _coerce(value, tp, key, source)
     try:

@@ -184,3 +184,15 @@ def test_shared_sections_validate_and_scale_lr():
         OptimConfig(grad_accum_steps=0)
     with pytest.raises(ValueError, match="unknown trackers"):
         RunConfig(trackers=("tensorbored",))
+
+
+@dataclass
+class CustomDefault:
+    inner: Inner = opt(Inner(lr=0.5, steps=3), "a section whose default is not the class default")
+
+
+def test_section_instance_default_survives_partial_override():
+    cfg = load_config(CustomDefault, ["inner.steps=4"])
+    assert cfg.inner.steps == 4
+    assert cfg.inner.lr == 0.5  # from the field's default instance, not Inner()'s 1e-3
+    assert load_config(CustomDefault, []).inner == Inner(lr=0.5, steps=3)

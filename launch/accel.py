@@ -1,0 +1,141 @@
+"""Accelerator set-up shared by the entry points: precision, trackers, CPU/gloo and DeepSpeed-on-CPU workarounds.
+
+What `accelerate launch` (or `torchrun`) decides stays with it: number of processes, DDP vs DeepSpeed, the ZeRO
+stage. `build_accelerator` adds what the launcher cannot know:
+* precision `auto`: the launcher's `mixed_precision` if it set one, else bf16 on a GPU that supports it, else fp32;
+* the gloo backend when there is no CUDA (without it Accelerate leaves the backend unset and, under DeepSpeed,
+  every rank believes it is alone), and `cpu=True` for a multi-process launch without CUDA and DeepSpeed (so a
+  `--multi_gpu` launch on a CPU box is MULTI_CPU, not unsynchronised ranks);
+* DeepSpeed on a CPU box: skip the JIT build of DeepSpeed's shared-memory comm op (~100 s of g++), and check that
+  `transformers` is importable (Accelerate's DeepSpeed path imports it);
+* DeepSpeed's micro-batch, accumulation and clipping filled from our config before `prepare` (the WebLoader is not
+  prepared, so DeepSpeed cannot infer the batch size). The optimizer stays a torch AdamW (never a DeepSpeed-config
+  optimizer, which would JIT-compile a CPU kernel).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
+
+from launch.sections import OptimConfig, RunConfig
+
+
+def uses_deepspeed_env() -> bool:
+    """True when the launcher asked for DeepSpeed (`accelerate launch` with a DeepSpeed config sets this)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def resolve_precision(precision: str) -> str:
+    """`auto` -> the launcher's mixed_precision if given, else bf16 on a bf16-capable GPU, else `no` (fp32)."""
+    if precision != "auto":
+        return precision
+    from_launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if from_launcher:
+        return from_launcher
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def deepspeed_cpu_workarounds() -> None:
+    """Make DeepSpeed run on a CPU-only machine (see REFERENCE-STACK.md section 4)."""
+    try:
+        importlib.import_module("transformers")
+    except ImportError:
+        raise SystemExit(
+            "DeepSpeed through Accelerate needs the `transformers` package (Accelerate imports it): "
+            "pip install transformers"
+        ) from None
+    importlib.import_module("deepspeed.comm.torch")
+    # `import deepspeed.comm.torch as m` yields torch itself through a star-export; take the module from sys.modules.
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def build_accelerator(run: RunConfig, optim: OptimConfig, micro_batch: int, *, logging_subdir: str = "logs") -> Accelerator:
+    """An `Accelerator` for `run` with `optim.grad_accum_steps` micro-steps per optimizer step."""
+    cuda = torch.cuda.is_available()
+    if uses_deepspeed_env() and not cuda:
+        deepspeed_cpu_workarounds()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=30))] if distributed and not cuda else []
+    trackers = [t for t in run.trackers if t != "none"]
+    if "tensorboard" in trackers and importlib.util.find_spec("tensorboard") is None:
+        trackers.remove("tensorboard")
+    project = ProjectConfiguration(
+        project_dir=str(run.output_dir),
+        logging_dir=str(Path(run.output_dir) / logging_subdir),
+        automatic_checkpoint_naming=False,  # we name checkpoints by step (Accelerate's counter collides after resume)
+    )
+    # Without CUDA, a multi-process launch must be MULTI_CPU (gloo); otherwise Accelerate would start a process group
+    # yet leave every model unwrapped (distributed type NO) and the ranks would train apart without syncing gradients.
+    cpu = distributed and not cuda and not uses_deepspeed_env()
+    accelerator = Accelerator(
+        cpu=cpu,
+        mixed_precision=resolve_precision(run.precision),
+        gradient_accumulation_steps=optim.grad_accum_steps,
+        log_with=trackers or None,
+        project_config=project,
+        kwargs_handlers=handlers,
+        step_scheduler_with_optimizer=False,
+    )
+    if accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.NO:
+        raise SystemExit(
+            f"{accelerator.num_processes} processes but no distributed backend: gradients would not be synchronised. "
+            "On CPU launch with ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu (see docs/LAUNCH.md)"
+        )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        configure_deepspeed(accelerator, micro_batch, optim)
+    return accelerator
+
+
+def configure_deepspeed(accelerator: Accelerator, micro_batch: int, optim: OptimConfig) -> dict:
+    """Fill the DeepSpeed config's batch, accumulation and clipping from our config (before `prepare`)."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    if "optimizer" in config or "scheduler" in config:
+        raise SystemExit(
+            "the DeepSpeed config must not define `optimizer` or `scheduler`: Tessera uses torch AdamW and sets the lr "
+            "itself each step; remove those blocks from the DeepSpeed JSON"
+        )
+    config["train_micro_batch_size_per_gpu"] = int(micro_batch)
+    config["gradient_accumulation_steps"] = int(optim.grad_accum_steps)
+    config["train_batch_size"] = int(micro_batch) * int(optim.grad_accum_steps) * accelerator.num_processes
+    config["gradient_clipping"] = float(optim.clip_grad) if optim.clip_grad else 0.0
+    zero = config.setdefault("zero_optimization", {})
+    for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
+        if zero.get(key) == "auto":  # "auto" needs model.config.hidden_size, which a timm ViT has not
+            zero[key] = {"reduce_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e7}.get(key, 1e5)
+    accelerator.gradient_accumulation_steps = int(optim.grad_accum_steps)
+    return config
+
+
+def zero_stage(accelerator: Accelerator) -> int | None:
+    """The ZeRO stage under DeepSpeed, else None."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    return int(accelerator.state.deepspeed_plugin.zero_stage)
+
+
+def input_dtype(accelerator: Accelerator) -> torch.dtype:
+    """dtype to cast inputs to: DeepSpeed converts the model to bf16/fp16 but not the inputs; DDP autocasts."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+    return torch.float32
+
+
+__all__ = [
+    "build_accelerator",
+    "configure_deepspeed",
+    "deepspeed_cpu_workarounds",
+    "resolve_precision",
+    "uses_deepspeed_env",
+    "zero_stage",
+    "input_dtype",
+]

@@ -1,0 +1,1 @@
+"""MAE pretraining entry point (`pretrain/mae.py`) and its config."""

@@ -1,0 +1,136 @@
+"""Real multi-process runs of pretrain/mae.py on CPU (gloo), from the shipped sample shards:
+2-process DDP, DeepSpeed ZeRO-2, a simulated two-node run (2 machines x 1 process on 127.0.0.1), and
+kill -9 at a random step + restart ending bitwise equal to an uninterrupted run."""
+
+import os
+import random
+import signal
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers_launch import (ACCELERATE, ENTRY, PYTHON, ROOT, ddp_cmd, deepspeed_cmd, env, free_port, read_metrics, run,
+                            tiny_args, wait_for_step)
+
+STEPS = 6
+ACCUM = ["optim.grad_accum_steps=2", "data.batch_size=4"]  # 2 micro-steps of 4 images per rank and step
+# DDP and ZeRO-2 run the same fp32 math with the same data and masks; they differ only in how gradients are reduced
+# (DDP all-reduce buckets vs ZeRO reduce-scatter into partitions), i.e. in float rounding.
+LOSS_RTOL = 1e-4
+
+
+def losses(run_dir):
+    return [r["loss"] for r in read_metrics(run_dir)]
+
+
+def assert_finished(run_dir, steps=STEPS):
+    assert (run_dir / "checkpoints" / f"step_{steps:06d}" / "tessera_state.json").exists()
+    enc = load_file(run_dir / "encoder.safetensors")
+    assert "cls_token" in enc and "blocks.1.attn.qkv.weight" in enc and not any(k.startswith("decoder") for k in enc)
+    assert all(v.dtype == torch.float32 for v in enc.values())
+    return enc
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ddp")
+    proc = run(ddp_cmd(tiny_args(run_dir, *ACCUM, steps=STEPS), free_port()))
+    assert "MULTI_CPU, world size 2" in proc.stdout
+    return run_dir
+
+
+def test_ddp_two_processes(ddp_run):
+    enc = assert_finished(ddp_run)
+    assert enc["pos_embed"].shape == (1, 17, 32)  # full shape: 16 patches + cls, width 32
+    assert len(losses(ddp_run)) == STEPS
+    assert read_metrics(ddp_run)[-1]["batches"] == 2 * STEPS  # two micro-batches per optimizer step
+
+
+def test_zero2_matches_ddp(ddp_run, tmp_path):
+    proc = run(deepspeed_cmd(tiny_args(tmp_path, *ACCUM, steps=STEPS), free_port(), stage=2))
+    assert "DEEPSPEED, world size 2" in proc.stdout and "ZeRO stage 2" in proc.stdout
+    assert "4/process x 2 processes x 2 accumulation = 16 global" in proc.stdout
+    enc = assert_finished(tmp_path)
+    ref = losses(ddp_run)
+    got = losses(tmp_path)
+    assert got == pytest.approx(ref, rel=LOSS_RTOL)
+    ddp_enc = load_file(ddp_run / "encoder.safetensors")
+    for k, v in ddp_enc.items():
+        assert enc[k].shape == v.shape
+        torch.testing.assert_close(enc[k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_two_nodes_on_one_machine(ddp_run, tmp_path):
+    port = free_port()
+    cmds = [[ACCELERATE, "launch", "--multi_gpu", "--num_machines", "2", "--num_processes", "2", "--machine_rank",
+             str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--mixed_precision", "no",
+             "--dynamo_backend", "no", ENTRY, *tiny_args(tmp_path, *ACCUM, steps=STEPS)] for rank in (0, 1)]
+    procs = [subprocess.Popen(c, cwd=ROOT, env=env(ACCELERATE_USE_CPU="1"), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for c in cmds]
+    try:
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert "world size 2" in outs[0]
+    assert_finished(tmp_path)
+    # two machines x one process is the same world of two ranks as the DDP run: the same losses
+    assert losses(tmp_path) == pytest.approx(losses(ddp_run), rel=LOSS_RTOL)
+
+
+def test_sigkill_and_resume_is_bitwise_equal(tmp_path):
+    steps = 12
+    extra = ["run.save_every=2", "run.keep_checkpoints=2"]
+    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+    run([PYTHON, ENTRY, *tiny_args(ref_dir, *extra, steps=steps, workers=1)])
+
+    kill_at = random.Random().randint(3, 9)
+    cmd = [PYTHON, ENTRY, *tiny_args(cut_dir, *extra, steps=steps, workers=1)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        seen = wait_for_step(proc, kill_at)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (cut_dir / "encoder.safetensors").exists()
+    resumed = run(cmd)
+    assert "resuming at step" in resumed.stdout, f"killed at step >= {seen}, but the restart did not resume"
+
+    ref, got = load_file(ref_dir / "mae.safetensors"), load_file(cut_dir / "mae.safetensors")
+    assert ref.keys() == got.keys()
+    different = [k for k in ref if not torch.equal(ref[k], got[k])]
+    assert not different, f"killed at step >= {seen}: tensors differ from the uninterrupted run: {different}"
+    # the metrics file is one clean series: the steps after the checkpoint were logged again, once
+    assert [r["step"] for r in read_metrics(cut_dir)] == list(range(1, steps + 1))
+    assert [r["loss"] for r in read_metrics(cut_dir)] == [r["loss"] for r in read_metrics(ref_dir)]
+
+
+def test_zero3_bf16_exports_full_precision_full_shape(tmp_path):
+    args = [a if a != "run.precision=no" else "run.precision=auto" for a in tiny_args(tmp_path, steps=3)]
+    cmd = deepspeed_cmd(args, free_port(), stage=3)
+    cmd[cmd.index("--mixed_precision") + 1] = "bf16"  # the launcher's precision; run.precision=auto follows it
+    proc = run(cmd)
+    assert "precision bf16, DeepSpeed ZeRO stage 3" in proc.stdout
+    assert_finished(tmp_path, steps=3)
+    from launch.config import load_config
+    from pretrain.config import PretrainConfig
+    from pretrain.mae import build_model
+
+    shapes = {k: tuple(v.shape) for k, v in build_model(load_config(PretrainConfig, args)).state_dict().items()}
+    full = load_file(tmp_path / "mae.safetensors")
+    assert {k: tuple(v.shape) for k, v in full.items()} == shapes  # consolidated, not ZeRO-3 partitions
+    assert all(v.dtype == torch.float32 for v in full.values())
+    # the fp32 master weights, not the bf16 compute copy: trained matrices hold values bf16 cannot represent
+    w = full["encoder.blocks.0.attn.qkv.weight"]
+    assert (w - w.bfloat16().float()).abs().max() > 0
+    # frozen sin-cos tables are exported in fp32 (DeepSpeed stores them only in bf16)
+    fresh = build_model(load_config(PretrainConfig, args)).state_dict()
+    assert torch.equal(full["encoder.pos_embed"], fresh["encoder.pos_embed"])
+    assert torch.equal(full["decoder_pos_embed"], fresh["decoder_pos_embed"])
