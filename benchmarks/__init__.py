@@ -1,0 +1,1 @@
+"""Benchmark scripts (run as `python benchmarks/<name>.py`); shared plumbing in benchmarks/common.py."""
