@@ -13,6 +13,8 @@ from __future__ import annotations
 from typing import Sequence
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+
+from data.pillow_compat import install as install_posterize_fix
 from torchvision import transforms as T
 
 # CIFAR-10 training set, per-channel mean and (population) std of pixel values in [0, 1].
@@ -45,6 +47,7 @@ def finetune_transform(img_size: int, mean: Sequence[float] = IMAGENET_MEAN, std
                        remode: str = "pixel", recount: int = 1, color_jitter: float | None = None,
                        scale: tuple[float, float] | None = None, interpolation: str = "bicubic", hflip: float = 0.5):
     """Fine-tuning augmentation through timm: RandomResizedCrop + flip + RandAugment + normalise + RandomErasing."""
+    install_posterize_fix()  # timm RandAugment vs Pillow >= 13 (see data/pillow_compat.py)
     return create_transform(
         img_size, is_training=True, auto_augment=auto_augment, re_prob=reprob, re_mode=remode, re_count=recount,
         color_jitter=color_jitter, scale=scale, interpolation=interpolation, hflip=hflip,

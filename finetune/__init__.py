@@ -1,0 +1,1 @@
+"""Downstream entry points: linear probing, fine-tuning and evaluation of pretrained encoders."""

@@ -1,0 +1,205 @@
+"""Typed configs of the downstream entry points: linear probing, fine-tuning and stand-alone evaluation.
+
+Each entry point composes the shared `RunConfig`/`OptimConfig` with its own sections. Defaults run on the shipped
+sample (`data/sample`) on a CPU; the published ImageNet recipes live in `finetune/configs/*.yaml` (in steps).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from launch.config import opt, section
+from launch.sections import OptimConfig, RunConfig
+
+DEFAULT_ENCODER = "runs/pretrain/encoder.safetensors"
+
+
+@dataclass
+class DataSection:
+    path: str = opt("data/sample", "dataset directory holding dataset.json (or a brace pattern / URL list)")
+    train_split: str = opt("train", "split used for training")
+    test_split: str = opt("test", "split evaluated (every image exactly once)")
+    batch_size: int = opt(256, "images per optimizer step, over all ranks and accumulation micro-steps "
+                                "(the batch of the lr scaling rule)")
+    eval_batch_size: int = opt(256, "per-rank batch size of evaluation and feature extraction")
+    num_workers: int = opt(2, "data-loader worker processes per rank")
+    img_size: int | None = opt(None, "input resolution (None: the encoder's own; another size interpolates pos_embed)")
+    mean: tuple[float, float, float] | None = opt(None, "normalisation mean (None: dataset.json's, else ImageNet's)")
+    std: tuple[float, float, float] | None = opt(None, "normalisation std (None: dataset.json's, else ImageNet's)")
+    crop_pct: float | None = opt(None, "evaluation centre-crop fraction (None: 1.0 up to 64 px, else 0.875)")
+    shuffle_buffer: int = opt(2000, "training stream shuffle buffer (samples per worker)")
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError("batch_size and eval_batch_size must be >= 1")
+        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.num_workers < 0:
+            raise ValueError("num_workers must be >= 0")
+
+
+@dataclass
+class ProbeSection:
+    cached: bool = opt(True, "extract features once (eval transform) and train the head on the cache; false: RRC+flip "
+                             "through the streaming loader and an encoder forward every step (the recipe)")
+    rebuild_cache: bool = opt(False, "re-extract features even when the cache key matches")
+    momentum: float = opt(0.9, "LARS momentum")
+    trust_coeff: float = opt(1e-3, "LARS trust coefficient (adaptation on weights only, not biases, as MoCo v3/MAE)")
+    eval_every: int = opt(0, "evaluate every N steps (0: only at the end)")
+
+    def __post_init__(self) -> None:
+        if self.eval_every < 0:
+            raise ValueError("eval_every must be >= 0")
+
+
+# Sections with other defaults are subclasses (not instances): a section built from overrides starts from its
+# class defaults, so `run.steps=10` must not bring back RunConfig's own output_dir.
+
+
+@dataclass
+class ProbeRunConfig(RunConfig):
+    output_dir: str = opt("runs/linprobe", "run directory: config.yaml, metrics.jsonl, features/, eval.json, weights")
+    steps: int = opt(500, "optimizer steps of the head")
+    log_every: int = opt(50, "log every N steps")
+    save_every: int = opt(0, "save a resumable checkpoint every N steps (0: none; the cached path is quick)")
+
+
+@dataclass
+class ProbeOptimConfig(OptimConfig):
+    """MAE linear probe: LARS, blr 0.1, no weight decay, warmup + cosine (betas/eps/layer_decay unused)."""
+
+    blr: float = opt(0.1, "base learning rate; lr = blr * global_batch / 256 unless lr is set")
+    weight_decay: float = opt(0.0, "LARS weight decay (the recipe: 0)")
+    warmup_steps: int = opt(10, "linear warmup length in optimizer steps")
+
+
+@dataclass
+class LinprobeConfig:
+    run: ProbeRunConfig = section(ProbeRunConfig, "how the run runs")
+    optim: ProbeOptimConfig = section(ProbeOptimConfig, "LARS optimisation")
+    data: DataSection = section(DataSection, "dataset")
+    probe: ProbeSection = section(ProbeSection, "probe options")
+    encoder: str = opt(DEFAULT_ENCODER, "encoder.safetensors | official MAE .pth | timm:NAME (+encoder_weights) | random")
+    encoder_weights: str | None = opt(None, "weights file for encoder=timm:NAME")
+    arch: str | None = opt(None, "architecture when the checkpoint does not say: an MAE variant name or timm:NAME "
+                                 "(needed by encoder=random unless a default is fine)")
+    num_heads: int | None = opt(None, "attention heads when neither the checkpoint nor arch says (default dim/64)")
+    num_classes: int | None = opt(None, "classes (None: from dataset.json; a different number is an error)")
+    pool: Literal["token", "avg"] = opt("token", "feature: the CLS token after the final norm, or avg of patch tokens")
+
+    def __post_init__(self) -> None:
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ValueError("num_classes must be >= 1")
+
+
+@dataclass
+class ModelSection:
+    global_pool: Literal["token", "avg"] = opt("token", "CLS head, or mean of patch tokens + fc_norm (MAE fine-tuning)")
+    drop_path_rate: float = opt(0.1, "stochastic depth rate")
+    head_init_std: float = opt(2e-5, "head weight trunc-normal std (MAE: 2e-5)")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.drop_path_rate < 1:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+
+
+@dataclass
+class AugSection:
+    auto_augment: str | None = opt("rand-m9-mstd0.5-inc1", "timm auto-augment policy (None: off)")
+    reprob: float = opt(0.25, "random erasing probability")
+    mixup: float = opt(0.8, "mixup alpha (0: off)")
+    cutmix: float = opt(1.0, "cutmix alpha (0: off)")
+    mixup_prob: float = opt(1.0, "probability of applying mixup or cutmix to a batch")
+    mixup_switch_prob: float = opt(0.5, "probability of cutmix instead of mixup when both are on")
+    mixup_mode: Literal["batch", "pair", "elem"] = opt("batch", "how mixup parameters are drawn")
+    smoothing: float = opt(0.1, "label smoothing")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.reprob <= 1 or not 0 <= self.smoothing < 1:
+            raise ValueError("reprob must be in [0, 1] and smoothing in [0, 1)")
+        if self.mixup < 0 or self.cutmix < 0:
+            raise ValueError("mixup and cutmix alphas must be >= 0")
+
+    @property
+    def mixup_active(self) -> bool:
+        return (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0
+
+
+@dataclass
+class EmaSection:
+    enabled: bool = opt(False, "keep an EMA of the weights (timm ModelEmaV3), evaluated alongside the model")
+    decay: float = opt(0.9999, "EMA decay per optimizer step")
+    warmup: bool = opt(False, "timm EMA decay warmup")
+
+    def __post_init__(self) -> None:
+        if not 0 < self.decay < 1:
+            raise ValueError(f"ema.decay must be in (0, 1), got {self.decay}")
+
+
+@dataclass
+class FinetuneRunConfig(RunConfig):
+    output_dir: str = opt("runs/finetune", "run directory: config.yaml, metrics.jsonl, checkpoints/, eval.json, weights")
+    steps: int = opt(300, "number of optimizer steps")
+    log_every: int = opt(20, "log every N steps")
+    save_every: int = opt(100, "save a resumable checkpoint every N steps (0: none)")
+
+
+@dataclass
+class FinetuneOptimConfig(OptimConfig):
+    """MAE fine-tuning: AdamW (0.9, 0.999), wd 0.05, layer decay, warmup + cosine to 1e-6."""
+
+    blr: float = opt(5e-4, "base learning rate; lr = blr * global_batch / 256 unless lr is set")
+    min_lr: float = opt(1e-6, "learning rate at the end of the cosine")
+    warmup_steps: int = opt(20, "linear warmup length in optimizer steps")
+    betas: tuple[float, float] = opt((0.9, 0.999), "AdamW betas")
+    layer_decay: float | None = opt(0.75, "layer-wise lr decay: block i gets decay**(depth+1-i)")
+
+
+@dataclass
+class FinetuneDataSection(DataSection):
+    batch_size: int = opt(128, "images per optimizer step, over all ranks and accumulation micro-steps "
+                                "(the batch of the lr scaling rule)")
+
+
+@dataclass
+class FinetuneConfig:
+    run: FinetuneRunConfig = section(FinetuneRunConfig, "how the run runs")
+    optim: FinetuneOptimConfig = section(FinetuneOptimConfig, "AdamW optimisation with layer-wise lr decay")
+    data: FinetuneDataSection = section(FinetuneDataSection, "dataset")
+    model: ModelSection = section(ModelSection, "classifier")
+    aug: AugSection = section(AugSection, "augmentation")
+    ema: EmaSection = section(EmaSection, "weight EMA")
+    encoder: str = opt(DEFAULT_ENCODER, "encoder.safetensors | MAE .pth | timm:NAME (+encoder_weights) | random (scratch)")
+    encoder_weights: str | None = opt(None, "weights file for encoder=timm:NAME")
+    arch: str | None = opt(None, "architecture when the checkpoint does not say: an MAE variant name or timm:NAME")
+    num_heads: int | None = opt(None, "attention heads when neither the checkpoint nor arch says (default dim/64)")
+    num_classes: int | None = opt(None, "classes (None: from dataset.json; a different number is an error)")
+    eval_every: int = opt(100, "evaluate every N steps (0: only at the end); the best top-1 is kept")
+
+    def __post_init__(self) -> None:
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ValueError("num_classes must be >= 1")
+        if self.eval_every < 0:
+            raise ValueError("eval_every must be >= 0")
+
+
+@dataclass
+class EvaluateConfig:
+    checkpoint: str = opt("runs/finetune/classifier_best.safetensors",
+                          "saved classifier (.safetensors beside its classifier.json) or its run directory")
+    data: str = opt("data/sample:test", "split to evaluate: DIR:SPLIT (or a pattern/URLs)")
+    batch_size: int = opt(256, "per-rank batch size")
+    num_workers: int = opt(2, "data-loader workers per rank")
+    output: str | None = opt(None, "where to write the JSON (None: eval-<checkpoint name>-<split>.json beside it)")
+    precision: Literal["auto", "no", "bf16", "fp16"] = opt("auto", "mixed precision; auto = bf16 on GPU, fp32 on CPU")
+    progress: bool = opt(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+
+
+__all__ = ["DataSection", "ProbeSection", "LinprobeConfig", "ProbeRunConfig", "ProbeOptimConfig", "FinetuneRunConfig",
+           "FinetuneOptimConfig", "FinetuneDataSection", "ModelSection", "AugSection", "EmaSection",
+           "FinetuneConfig", "EvaluateConfig", "DEFAULT_ENCODER"]

@@ -1,0 +1,71 @@
+"""Evaluate a saved classifier on a split: `python finetune/evaluate.py checkpoint=RUN_DIR/classifier_best.safetensors data=DIR:SPLIT`.
+
+Works for fine-tuned classifiers and linear probes (encoder + head) alike: the model is rebuilt from the
+classifier.json beside the weights, the split is read with its own eval transform (size, normalisation and crop
+from classifier.json), every image counted exactly once across ranks. Prints and writes top1, top5, n_images
+(+ loss, checkpoint, data) as JSON; runs under `accelerate launch` too.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import from the repository root, not from finetune/
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
+
+import json
+
+from finetune.classifier_io import load_classifier, resolve_checkpoint
+from finetune.config import EvaluateConfig
+from finetune.eval_loop import evaluate_model, write_eval_json
+from launch.config import ConfigError, parse_cli
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_cli(EvaluateConfig, argv, "evaluate.py")
+    ckpt_path = resolve_checkpoint(cfg.checkpoint)
+    model, meta = load_classifier(ckpt_path)
+
+    from data.info import DatasetError, resolve
+
+    try:
+        info = resolve(cfg.data)
+    except DatasetError as exc:
+        raise ConfigError(f"data={cfg.data}: {exc}") from None
+    if info.labelled is False or not info.num_classes:
+        raise ConfigError(f"data={cfg.data} has no labels (dataset.json lists no classes); evaluation needs labels")
+    if info.num_classes != meta["num_classes"]:
+        raise ConfigError(f"the classifier has {meta['num_classes']} classes but data={cfg.data} has "
+                          f"{info.num_classes} (dataset.json)")
+
+    from data.eval_stream import build_eval_loader
+    from data.transforms import eval_transform
+    from launch.accel import build_accelerator
+    from launch.sections import OptimConfig, RunConfig
+
+    run = RunConfig(output_dir=str(ckpt_path.parent), precision=cfg.precision, trackers=("none",))
+    accelerator = build_accelerator(run, OptimConfig(), cfg.batch_size)
+    model.to(accelerator.device)
+    img_size = meta.get("img_size") or meta["encoder_cfg"]["img_size"]
+    img_size = img_size if isinstance(img_size, int) else img_size[0]
+    tf = eval_transform(img_size, meta["mean"], meta["std"], meta.get("crop_pct"))
+    loader = build_eval_loader(cfg.data, batch_size=cfg.batch_size, transform=tf, rank=accelerator.process_index,
+                               world_size=accelerator.num_processes, num_workers=cfg.num_workers)
+    result = evaluate_model(model, loader, accelerator, progress=cfg.progress, desc="evaluate")
+    out = {"top1": result["top1"], "top5": result["top5"], "n_images": result["n_images"], "loss": result["loss"],
+           "checkpoint": str(ckpt_path), "kind": meta["kind"], "step": meta.get("step"), "data": cfg.data,
+           "encoder": meta.get("encoder")}
+    split = cfg.data.rpartition(":")[2] if ":" in cfg.data else "data"
+    output = Path(cfg.output) if cfg.output else ckpt_path.parent / f"eval-{ckpt_path.stem}-{split}.json"
+    write_eval_json(output, out, accelerator)
+    if accelerator.is_main_process:
+        print(json.dumps({k: out[k] for k in ("top1", "top5", "n_images", "loss", "checkpoint", "data")}, indent=2))
+        print(f"[evaluate] wrote {output}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Evaluation: top-k against hand-worked examples, the valid mask, saved classifiers reloading to the same
+predictions, evaluate.py agreeing with the runs' own eval.json (fine-tuned and probe), and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from test_linprobe import COMMON, N_TEST, TINY_ENC, make_tiny_dataset, make_tiny_encoder
+
+
+def test_topk_hand_worked():
+    from finetune.topk import AccuracyMeter, topk_correct
+
+    logits = torch.tensor([[0.1, 0.9, 0.0],   # label 1: top-1 hit
+                           [0.5, 0.2, 0.3],   # label 2: 2nd -> top-1 miss, top-2 hit
+                           [0.2, 0.3, 0.5],   # label 0: 3rd
+                           [9.0, 0.0, 0.0]])  # padding (invalid), would be a hit
+    labels = torch.tensor([1, 2, 0, 0])
+    hits = topk_correct(logits, labels, ks=(1, 2, 5))  # k=5 capped at 3 classes
+    assert hits.tolist() == [[True, True, True], [False, True, True], [False, False, True], [True, True, True]]
+    meter = AccuracyMeter(ks=(1, 2))
+    meter.update(logits, labels, valid=torch.tensor([True, True, True, False]))
+    out = meter.compute()
+    assert out["n_images"] == 3 and out["top1"] == pytest.approx(100 / 3) and out["top2"] == pytest.approx(200 / 3)
+    meter.update(logits[:1], torch.tensor([-1]), valid=torch.tensor([False]))  # padding: label -1, ignored
+    assert meter.compute()["n_images"] == 3
+    from launch.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unlabelled"):
+        meter.update(logits[:1], torch.tensor([-1]), valid=torch.tensor([True]))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    base = tmp_path_factory.mktemp("ev")
+    return {"data": make_tiny_dataset(base / "data"), "encoder": make_tiny_encoder(base / "enc" / "encoder.safetensors"),
+            "base": base}
+
+
+def test_saved_classifier_reloads_with_same_predictions(tmp_path):
+    from finetune.classifier_io import load_classifier, save_classifier
+    from models.classifier import create_classifier
+
+    torch.manual_seed(0)
+    model = create_classifier(TINY_ENC, 4, global_pool="avg").eval()
+    torch.nn.init.normal_(model.head.weight)
+    meta = {"kind": "vit", "encoder_cfg": TINY_ENC, "num_classes": 4, "global_pool": "avg", "img_size": 32,
+            "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0}
+    save_classifier(model.state_dict(), tmp_path / "classifier_last.safetensors", meta)
+    again, got_meta = load_classifier(tmp_path)  # a directory means its best/last weights
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+    assert got_meta["global_pool"] == "avg" and not again.training
+    # a classifier.json that does not fit the weights: an error naming the keys
+    (tmp_path / "classifier.json").write_text(json.dumps({**meta, "encoder_cfg": {**TINY_ENC, "depth": 3}}))
+    from launch.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"missing \['blocks\.2\."):
+        load_classifier(tmp_path / "classifier_last.safetensors")
+    (tmp_path / "classifier.json").write_text(json.dumps({**meta, "encoder_cfg": {**TINY_ENC, "embed_dim": 64,
+                                                                                  "num_heads": 2}}))
+    with pytest.raises(ConfigError, match=r"shape mismatches: .*blocks\.0\.attn\.qkv\.weight: checkpoint \(96, 32\) vs model \(192, 64\)"):
+        load_classifier(tmp_path / "classifier_last.safetensors")
+
+
+def test_evaluate_matches_finetune_and_probe_runs(tiny):
+    from finetune.evaluate import main as evaluate
+    from finetune.finetune import main as finetune
+    from finetune.linprobe import main as linprobe
+
+    common = [f"data.path={tiny['data']}", f"encoder={tiny['encoder']}", *COMMON, "optim.warmup_steps=1"]
+    ft, lp = tiny["base"] / "ft", tiny["base"] / "lp"
+    finetune(common + [f"run.output_dir={ft}", "run.steps=2", "eval_every=0", "run.save_every=0"])
+    linprobe(common + [f"run.output_dir={lp}", "run.steps=6"])
+    for run in (ft, lp):
+        ev = json.loads((run / "eval.json").read_text())
+        out = evaluate([f"checkpoint={run / 'classifier_last.safetensors'}", f"data={tiny['data']}:test",
+                        "num_workers=0", "batch_size=5", "progress=false"])
+        assert out["n_images"] == N_TEST == ev["n_images"]
+        assert out["top1"] == pytest.approx(ev["top1"]) and out["top5"] == pytest.approx(ev["top5"])
+        assert out["loss"] == pytest.approx(ev["loss"], rel=1e-4)
+        written = json.loads((run / "eval-classifier_last-test.json").read_text())
+        assert written["top1"] == out["top1"] and written["kind"] in ("vit", "probe")
+    # the command line, in a fresh process without a launcher
+    import os
+    import subprocess
+    import sys
+
+    from test_linprobe import ROOT
+
+    proc = subprocess.run([sys.executable, str(ROOT / "finetune" / "evaluate.py"), f"checkpoint={ft}",
+                           f"data={tiny['data']}:test", "num_workers=0", "progress=false", f"output={ft / 'cli.json'}"],
+                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cli = json.loads((ft / "cli.json").read_text())
+    assert cli["n_images"] == N_TEST and cli["top1"] == pytest.approx(json.loads((ft / "eval.json").read_text())["top1"])
+
+
+def test_evaluate_errors(tiny):
+    from finetune.evaluate import main as evaluate
+    from finetune.finetune import main as finetune
+    from launch.config import ConfigError
+
+    run = tiny["base"] / "ft_err"
+    finetune([f"data.path={tiny['data']}", f"encoder={tiny['encoder']}", *COMMON, f"run.output_dir={run}",
+              "run.steps=1", "eval_every=0", "run.save_every=0", "optim.warmup_steps=0"])
+    with pytest.raises(ConfigError, match="no labels"):
+        evaluate([f"checkpoint={run}", f"data={tiny['data']}:nolabels", "num_workers=0", "progress=false"])
+    with pytest.raises(ConfigError, match="not found"):
+        evaluate([f"checkpoint={run / 'nope.safetensors'}", f"data={tiny['data']}:test"])
+    from finetune.classifier_io import save_classifier
+    from models.classifier import create_classifier
+
+    four = tiny["base"] / "four"  # a 4-class classifier against the 3-class split
+    save_classifier(create_classifier(TINY_ENC, 4).state_dict(), four / "classifier_best.safetensors",
+                    {"kind": "vit", "encoder_cfg": TINY_ENC, "num_classes": 4, "img_size": 32, "mean": [0.5] * 3,
+                     "std": [0.5] * 3})
+    with pytest.raises(ConfigError, match="4 classes but .* has 3"):
+        evaluate([f"checkpoint={four}", f"data={tiny['data']}:test", "num_workers=0", "progress=false"])
