@@ -31,6 +31,7 @@ from finetune.classifier_io import save_classifier
 from finetune.config import FinetuneConfig
 from finetune.encoder_source import resolve_encoder
 from finetune.eval_loop import evaluate_model, write_eval_json
+from finetune.resume import open_run
 from finetune.linprobe import micro_batch_size, world_size_from_env
 from finetune.splits import check_same_classes, labelled_split, norm_stats, split_spec
 from launch.config import ConfigError, parse_cli, save_config, to_dict
@@ -87,8 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     from data.train_stream import build_train_loader
     from data.transforms import default_crop_pct, eval_transform, finetune_transform
     from launch.accel import build_accelerator, input_dtype
-    from launch.checkpoint import CheckpointManager, model_fingerprint
-    from launch.metrics import MetricsLogger
+    from launch.checkpoint import model_fingerprint
     from launch.param_groups import param_groups
     from launch.schedule import apply_lr, lr_at
 
@@ -122,17 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
         ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.ema.decay, use_warmup=cfg.ema.warmup)
         accelerator.register_for_checkpointing(ema)
     mixup_fn, criterion = build_criterion(cfg, num_classes)
-    ckpt = CheckpointManager(accelerator, run_dir, keep=cfg.run.keep_checkpoints)
-    logger = MetricsLogger(run_dir, accelerator)
-    step, best_top1, data_pos = 0, -1.0, 0
-    if cfg.run.resume:
-        state = ckpt.load_latest(expect_fingerprint=fingerprint, config=to_dict(cfg))
-        if state is not None:
-            step, best_top1 = int(state["step"]), float(state.get("best_top1", -1.0))
-            data_pos = int(state.get("data", {}).get("batches", 0))
-            logger.truncate_after(step)
-            if accelerator.is_main_process:
-                print(f"[finetune] resumed at step {step} (best top1 so far {best_top1:.2f})")
+    ckpt, logger, step, best_top1, data_pos = open_run(accelerator, cfg, run_dir, fingerprint, "finetune")
     accelerator.init_trackers("finetune")
 
     train_tf = finetune_transform(img_size, mean, std, auto_augment=cfg.aug.auto_augment, reprob=cfg.aug.reprob)

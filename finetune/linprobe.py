@@ -32,6 +32,7 @@ from finetune.classifier_io import save_classifier
 from finetune.config import LinprobeConfig
 from finetune.encoder_source import resolve_encoder
 from finetune.eval_loop import evaluate_model, write_eval_json
+from finetune.resume import open_run
 from finetune.features import FeatureCache, cache_key, extract_features
 from finetune.probe_model import ProbeClassifier
 from finetune.probe_optim import build_lars
@@ -100,8 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     from data.eval_stream import build_eval_loader
     from data.transforms import default_crop_pct, eval_transform
     from launch.accel import build_accelerator, input_dtype
-    from launch.checkpoint import CheckpointManager, model_fingerprint
-    from launch.metrics import MetricsLogger
+    from launch.checkpoint import model_fingerprint
     from launch.schedule import apply_lr, lr_at
 
     accelerator = build_accelerator(cfg.run, cfg.optim, micro)
@@ -165,17 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
                            trust_coeff=cfg.probe.trust_coeff)
     head, optimizer = accelerator.prepare(head, optimizer)
     peak_lr = cfg.optim.peak_lr(cfg.data.batch_size)  # data.batch_size is the whole batch of a step
-    ckpt = CheckpointManager(accelerator, run_dir, keep=cfg.run.keep_checkpoints)
-    logger = MetricsLogger(run_dir, accelerator)
-    step, best_top1, data_pos = 0, -1.0, 0
-    if cfg.run.resume:
-        state = ckpt.load_latest(expect_fingerprint=fingerprint, config=to_dict(cfg))
-        if state is not None:
-            step, best_top1 = int(state["step"]), float(state.get("best_top1", -1.0))
-            data_pos = int(state.get("data", {}).get("batches", 0))
-            logger.truncate_after(step)
-            if accelerator.is_main_process:
-                print(f"[linprobe] resumed at step {step}")
+    ckpt, logger, step, best_top1, data_pos = open_run(accelerator, cfg, run_dir, fingerprint, "linprobe")
     accelerator.init_trackers("linprobe")
 
     # ---------------------------------------------------------------- batches

@@ -16,6 +16,7 @@ from models.attention_maps import (
     rollout_cls_map,
 )
 from models.vit import create_encoder
+from helpers_attention import force_cls_onto
 
 CFG = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
 
@@ -82,42 +83,12 @@ def test_capture_restores_training_mode():
     assert vit.training
 
 
-def _force_cls_onto(vit, x, patch_index, margin=60.0):
-    """Rewrite the last block's qkv so that every query (CLS included) attends to one patch of image 0.
-
-    LayerNorm with weight 1 and bias 0 maps every token to a vector y_t of (nearly) the same norm sqrt(D). With a
-    constant query q = c*e_0 in each head (qkv weight 0, bias c on the head's first dim) and the key's first dim
-    k_t[0] = <u, y_t>, u = y_j/|y_j| (all other key dims 0), the score of token t is scale*c*<u, y_t>, which by
-    Cauchy-Schwarz is largest at t = j. `c` is chosen so that the runner-up trails by `margin` nats."""
-    last = vit.blocks[-1]
-    seen = {}
-    hook = last.norm1.register_forward_hook(lambda m, i, o: seen.__setitem__("y", o.detach()))
-    with torch.no_grad():
-        vit.forward_features(x)
-    hook.remove()
-    y = seen["y"][0]  # [T, D]
-    j = 1 + patch_index  # after the CLS token
-    u = y[j] / y[j].norm()
-    proj = y @ u  # [T]
-    gap = (proj[j] - torch.cat([proj[:j], proj[j + 1:]]).max()).item()
-    assert gap > 0
-    attn = last.attn
-    c = margin / (gap * attn.scale)
-    d, dh = attn.qkv.in_features, attn.head_dim
-    with torch.no_grad():
-        attn.qkv.weight[: 2 * d].zero_()
-        attn.qkv.bias[: 2 * d].zero_()
-        for h in range(attn.num_heads):
-            attn.qkv.bias[h * dh] = c  # query, head h, dim 0
-            attn.qkv.weight[d + h * dh] = u  # key, head h, dim 0
-
-
 def test_forced_attention_lands_on_the_chosen_patch():
     vit = _encoder()
     x = _images()
     rows, cols = patch_grid(vit, x)
     r, c = 2, 1  # row 2, column 1: not symmetric, so a transposed reshape would fail
-    _force_cls_onto(vit, x, r * cols + c)
+    force_cls_onto(vit, x, r * cols + c)
     maps = capture_attention(vit, x)
     cls = cls_attention_maps(maps[-1], (rows, cols))  # [N, H, rows, cols]
     assert cls.shape == (2, CFG["num_heads"], rows, cols)

@@ -16,6 +16,7 @@ from launch.recon_grid import reconstruct
 from models.convert import save_encoder, to_official
 from models.mae import MaskedAutoencoder
 from models.vit import create_encoder
+from helpers_attention import force_cls_onto
 
 MAE_ARGS = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
                 decoder_num_heads=2)
@@ -67,32 +68,6 @@ def test_mae_run_dir_gives_attention_and_reconstruction_pngs(tmp_path):
     assert ((maps["block1"].flatten(1).sum(-1) > 0) & (maps["block1"].flatten(1).sum(-1) <= 1 + 1e-6)).all()
 
 
-def _force_cls_onto(vit, x, patch_index, margin=60.0):
-    """The last block's qkv rewritten so that every query attends to one patch of image 0 (the construction is
-    explained in tests/test_attention_maps.py: constant query, key = projection of the LayerNorm output on the
-    chosen token's, largest at that token by Cauchy-Schwarz)."""
-    last = vit.blocks[-1]
-    seen = {}
-    hook = last.norm1.register_forward_hook(lambda m, i, o: seen.__setitem__("y", o.detach()))
-    with torch.no_grad():
-        vit.forward_features(x)
-    hook.remove()
-    y = seen["y"][0]
-    j = 1 + patch_index
-    u = y[j] / y[j].norm()
-    proj = y @ u
-    gap = (proj[j] - torch.cat([proj[:j], proj[j + 1:]]).max()).item()
-    attn = last.attn
-    c = margin / (gap * attn.scale)
-    d, dh = attn.qkv.in_features, attn.head_dim
-    with torch.no_grad():
-        attn.qkv.weight[: 2 * d].zero_()
-        attn.qkv.bias[: 2 * d].zero_()
-        for h in range(attn.num_heads):
-            attn.qkv.bias[h * dh] = c
-            attn.qkv.weight[d + h * dh] = u
-
-
 def test_forced_attention_shows_up_on_the_chosen_patch_of_the_picture(tmp_path):
     rng = np.random.default_rng(0)
     picture = tmp_path / "img.png"
@@ -101,7 +76,7 @@ def test_forced_attention_shows_up_on_the_chosen_patch_of_the_picture(tmp_path):
     torch.manual_seed(0)
     vit = create_encoder(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2).eval()
     r, c = 1, 3
-    _force_cls_onto(vit, x, r * 4 + c)
+    force_cls_onto(vit, x, r * 4 + c)
     cfg = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=2, mlp_ratio=4.0)
     weights = save_encoder(vit.state_dict(), tmp_path / "enc" / "encoder.safetensors", encoder_cfg=cfg)
     out = tmp_path / "vis"
