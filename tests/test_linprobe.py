@@ -11,38 +11,45 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-CIFAR = Path("/tmp/cifar10")
+SAMPLE = ROOT / "data" / "sample"
 TINY_ENC = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
 CLASSES = ["airplane", "automobile", "bird"]
 N_TRAIN, N_TEST = 30, 13  # test shards of 5/5/3 images: uneven over 2 ranks
 
 
-def _cifar_items(split: str, per_class: int, offset: int = 0) -> list[tuple[str, int]]:
-    if not (CIFAR / split).is_dir():  # extract once, guarded against a concurrent extraction
-        tmp = Path(f"/tmp/cifar10.{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["tar", "xzf", "/work/shared/datasets/cifar10-jpg.tar.gz", "-C", str(tmp)], check=True)
-        if not CIFAR.exists():
-            os.replace(tmp, CIFAR)
-    items = []
-    for label, name in enumerate(CLASSES):
-        files = sorted((CIFAR / split / name).iterdir())[offset: offset + per_class]
-        items += [(str(f), label) for f in files]
-    return items
+def _sample_items(split: str, per_class: int, offset: int = 0) -> list[tuple[str, int]]:
+    """(file, label) for images of the first classes, taken from the shipped sample's shards (real CIFAR JPEGs)."""
+    dest = Path(tempfile.mkdtemp(prefix=f"tessera-sample-{split}-"))
+    by_class: dict[int, list[str]] = {label: [] for label in range(len(CLASSES))}
+    for shard in sorted(SAMPLE.glob(f"{split}-*.tar.gz")):
+        with tarfile.open(shard) as tar:
+            samples: dict[str, dict[str, bytes]] = {}
+            for member in tar.getmembers():
+                key, _, ext = member.name.partition(".")
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        for key in sorted(samples):
+            label = int(samples[key]["cls"])
+            if label in by_class and len(by_class[label]) < offset + per_class:
+                path = dest / f"{key}.jpg"
+                path.write_bytes(samples[key]["jpg"])
+                by_class[label].append(str(path))
+    return [(f, label) for label in by_class for f in by_class[label][offset: offset + per_class]]
 
 
 def make_tiny_dataset(out: Path) -> Path:
     """`out/dataset.json` with train (30 images, 3 shards), test (13 images, 5/5/3) and `nolabels` (unlabelled)."""
     from data.make_shards import write_shards
 
-    train = _cifar_items("train", N_TRAIN // 3)
-    test = _cifar_items("test", 5)[:N_TEST]
+    train = _sample_items("train", N_TRAIN // 3)
+    test = _sample_items("test", 5)[:N_TEST]
     write_shards(train, out, split="train", shard_size=10, shuffle=True, class_names=CLASSES, progress=False)
     write_shards(test, out, split="test", shard_size=5, shuffle=False, class_names=CLASSES, progress=False)
     write_shards([(p, -1) for p, _ in test[:6]], out, split="nolabels", shard_size=3, shuffle=False, progress=False)
@@ -230,7 +237,7 @@ def test_two_processes_cached_and_augmented(tiny, tmp_path):
         assert ev["n_images"] == N_TEST  # every test image exactly once over 2 ranks with uneven shards
     feats = torch.load(runs["cached"] / "features" / "test.pt", weights_only=True)
     assert feats["features"].shape[0] == N_TEST
-    assert sorted(feats["labels"].tolist()) == sorted(y for _, y in _cifar_items("test", 5)[:N_TEST])
+    assert sorted(feats["labels"].tolist()) == sorted(y for _, y in _sample_items("test", 5)[:N_TEST])
 
 
 # ------------------------------------------------------------------------------------------------ bad input
