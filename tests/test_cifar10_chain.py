@@ -1,5 +1,6 @@
-"""Tests of launch/cifar10_chain.py without training: stage running and reuse, data helpers, the stage wiring (with
-the entry points replaced by a stub), the results table and the hand-drawn loss-curve PNG."""
+"""Tests of launch/cifar10_chain.py and the modules it uses (chain_stages, chain_data, results_doc, loss_plot) without
+training: stage running and reuse, data helpers, the stage wiring (with the entry points replaced by a stub), the
+results table and the hand-drawn loss-curve PNG."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ import pytest
 from PIL import Image
 
 from launch import cifar10_chain as chain_mod
-from launch.cifar10_chain import (
-    ChainError, class_subset, draw_loss_curve, ensure_cifar, moving_average, nice_step, nice_ticks, run_stage,
-    tick_label, write_results_md,
-)
+from launch.chain_data import class_subset, ensure_cifar
+from launch.chain_stages import ChainError, run_stage, shell_join
+from launch.loss_plot import draw_loss_curve, moving_average, nice_step, nice_ticks, tick_label
+from launch.results_doc import write_results_md
 
 
 # ------------------------------------------------------------------------------------------------- ticks, averages
@@ -97,8 +98,7 @@ def test_run_stage_records_reuses_and_fails(tmp_path):
     assert not run_stage("demo", cmd2, tmp_path / "demo", {}, done, reuse=False)["reused"]
     assert not (tmp_path / "demo" / "stale_checkpoint").exists()
     # an interrupted stage (started, no exit code) keeps its folder, so the entry point can resume
-    (tmp_path / "demo" / "chain_stage.json").write_text(json.dumps({"command": chain_mod.shell_join(cmd2),
-                                                                     "returncode": None}))
+    (tmp_path / "demo" / "chain_stage.json").write_text(json.dumps({"command": shell_join(cmd2), "returncode": None}))
     (tmp_path / "demo" / "checkpoint").write_text("resume me")
     assert not run_stage("demo", cmd2, tmp_path / "demo", {}, done)["reused"]
     assert (tmp_path / "demo" / "checkpoint").is_file()
@@ -164,7 +164,7 @@ def _fake_run_stage(calls):
         else:
             (stage_dir / "eval.json").write_text(json.dumps(
                 {"top1": acc[name], "top5": 90.0, "n_images": 1000, "steps": 10, "global_batch": 32}))
-        return {"stage": name, "command": chain_mod.shell_join(cmd), "seconds": 1.5, "returncode": 0,
+        return {"stage": name, "command": shell_join(cmd), "seconds": 1.5, "returncode": 0,
                 "reused": False}
 
     return fake

@@ -79,7 +79,10 @@ def launch_two(script: str, tmp: Path, timeout: int = 300) -> subprocess.Complet
     path.write_text(f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
                     "import launch.metrics as _m\n"
                     "_m.MetricsLogger.close = lambda self: [t.finish() for t in self.accelerator.trackers]\n"
-                    + script)
+                    + script
+                    # a clean teardown: exiting with a live gloo group lets one rank abort (SIGABRT) at exit
+                    + "\nimport torch.distributed as _dist\nif _dist.is_initialized():\n"
+                      "    _dist.barrier()\n    _dist.destroy_process_group()\n")
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",

@@ -1,0 +1,96 @@
+"""The chain's data stage: unpack the CIFAR-10 JPEG tarball once, build a class-balanced probe subset, and write the
+WebDataset shards with `data/make_shards.py` (run as a subprocess); the micro budget uses `data/sample` as it is."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tarfile
+from pathlib import Path
+
+from launch.chain_stages import REPO, ChainError, run_stage
+
+CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
+
+
+def ensure_cifar(tarball: Path, cifar_dir: Path) -> Path:
+    """`cifar_dir` with train/ and test/ ImageFolder trees, unpacked from `tarball` when missing.
+
+    Unpacks into a private folder and renames it into place, so a concurrent unpack by someone else is harmless."""
+    if (cifar_dir / "train").is_dir() and (cifar_dir / "test").is_dir():
+        return cifar_dir
+    if not tarball.is_file():
+        raise ChainError(f"CIFAR-10 tarball not found: {tarball} (and {cifar_dir} has no train/ and test/); "
+                         "pass --tarball or --cifar-dir")
+    tmp = cifar_dir.parent / f"{cifar_dir.name}.{os.getpid()}"
+    print(f"[chain] data: unpacking {tarball} -> {cifar_dir}", flush=True)
+    with tarfile.open(tarball) as tar:
+        tar.extractall(tmp, filter="data")
+    if not (tmp / "train").is_dir() or not (tmp / "test").is_dir():
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ChainError(f"{tarball} does not hold train/ and test/ folders")
+    try:
+        tmp.rename(cifar_dir)
+    except OSError:  # someone else finished first (or an empty folder is in the way)
+        if not (cifar_dir / "train").is_dir():
+            if cifar_dir.exists() and not any(cifar_dir.iterdir()):
+                cifar_dir.rmdir()
+                tmp.rename(cifar_dir)
+            else:
+                raise ChainError(f"cannot move the unpacked data to {cifar_dir}: it exists without train/") from None
+        shutil.rmtree(tmp, ignore_errors=True)
+    return cifar_dir
+
+
+def class_subset(train_dir: Path, out_dir: Path, per_class: int) -> Path:
+    """An ImageFolder of symbolic links to the first `per_class` images (sorted names) of every class."""
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    for cls in sorted(d for d in train_dir.iterdir() if d.is_dir()):
+        files = sorted(f for f in cls.iterdir() if f.is_file())
+        if len(files) < per_class:
+            raise ChainError(f"class folder {cls} has {len(files)} images, fewer than the {per_class} asked for")
+        (out_dir / cls.name).mkdir(parents=True)
+        for f in files[:per_class]:
+            (out_dir / cls.name / f.name).symlink_to(f.resolve())
+    return out_dir
+
+
+def split_sizes(shard_dir: Path) -> dict[str, int]:
+    meta = shard_dir / "dataset.json"
+    if not meta.is_file():
+        return {}
+    splits = json.loads(meta.read_text()).get("splits", {})
+    return {k: int(v.get("num_samples", 0)) for k, v in splits.items()}
+
+
+def prepare_data(budget, args, env) -> tuple[Path, str, list[dict]]:
+    """(dataset folder, probe training split, stage records)."""
+    if budget.source == "sample":
+        return REPO / "data" / "sample", "train", []
+    cifar = ensure_cifar(Path(args.tarball), Path(args.cifar_dir))
+    shards = Path(args.work) / "shards"
+    # shard sizes: 20 train shards, so up to 20 loader workers (x ranks) each read their own
+    want = {"train": (cifar / "train", CIFAR_TRAIN, 2500), "test": (cifar / "test", CIFAR_TEST, 1000)}
+    probe_split = "train"
+    if budget.probe_per_class:
+        probe_split = "probe_train"
+        want[probe_split] = (None, budget.probe_per_class * 10, 1000)
+    have = split_sizes(shards)
+    records = []
+    for split, (src, n, shard_size) in want.items():
+        if have.get(split) == n:
+            print(f"[chain] data: reusing {shards}:{split} ({n} images)", flush=True)
+            continue
+        if src is None:
+            src = class_subset(cifar / "train", Path(args.work) / "probe_subset", budget.probe_per_class)
+        cmd = [sys.executable, "data/make_shards.py", "--input", str(src), "--output", str(shards), "--split", split,
+               "--shard-size", str(shard_size), "--workers", str(max(1, (os.cpu_count() or 2) - 1)), "--overwrite"]
+        records.append(run_stage(f"shards:{split}", cmd, Path(args.work) / f"shards_{split}", env, None, reuse=False))
+    got = split_sizes(shards)
+    for split, (_, n, _) in want.items():
+        if got.get(split) != n:
+            raise ChainError(f"{shards}:{split} holds {got.get(split)} images, expected {n} (see the make_shards log)")
+    return shards, probe_split, records
