@@ -116,6 +116,18 @@ def grad_scaler(device: torch.device, precision: str):
     return torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
 
+def optimizer_step(loss: torch.Tensor, optimizer, scaler=None) -> None:
+    """Backward, optimizer step (through the GradScaler for fp16) and zero_grad: one training update."""
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def use_fused_adamw(device: torch.device, choice: str) -> bool:
     return choice == "on" or (choice == "auto" and device.type == "cuda")
 

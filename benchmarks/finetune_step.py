@@ -97,14 +97,7 @@ def finetune_case(args, device, cfg: dict):
 
     def step(i):
         loss = loss_of(runner, batches[i % len(batches)], labels[i % len(labels)])
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        C.optimizer_step(loss, optimizer, scaler)
         holder["loss"] = loss.detach()
 
     def fwd_bwd(x, y):
@@ -137,9 +130,7 @@ def linprobe_case(args, device, cfg: dict):
 
     def step(i):
         loss = loss_of(runner, batches[i % len(batches)], labels[i % len(labels)])
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        C.optimizer_step(loss, optimizer)
         holder["loss"] = loss.detach()
 
     def fwd_bwd(x, y):

@@ -134,14 +134,7 @@ def make_train_step(model, loss_of, optimizer, batches, device: torch.device, pr
         x = batches[i % len(batches)]
         with C.autocast(device, precision):
             loss = loss_of(model, x)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        C.optimizer_step(loss, optimizer, scaler)
         holder["loss"] = loss.detach()
 
     return step
