@@ -10,7 +10,7 @@ Stages, each the project's own entry point run as a subprocess (`launch/` never 
                 the micro budget uses `data/sample` as it is.
   2. pretrain   `pretrain/mae.py pretrain/configs/cifar10_<budget>.yaml` -> encoder.safetensors, metrics.jsonl
   3. probe      `finetune/linprobe.py finetune/configs/cifar10_linprobe_<budget>.yaml`, MAE encoder and encoder=random
-  4. finetune   `finetune/finetune.py finetune/configs/cifar10_finetune_<budget>.yaml`, from MAE and from scratch
+  4. finetune   `finetune/classify.py finetune/configs/cifar10_finetune_<budget>.yaml`, from MAE and from scratch
                 (encoder=random): the same recipe, steps and batch size
   5. table      docs/results/cifar10_<budget>.json (every number, command and wall-clock), the pretraining loss
                 curve as a PNG (drawn with PIL), and docs/RESULTS.md rebuilt from every budget's JSON.
@@ -115,8 +115,8 @@ def chain(args) -> dict:
             ("probe_mae", "finetune/linprobe.py", budget.probe_config, [f"encoder={encoder}"], args.probe_arg),
             ("probe_random", "finetune/linprobe.py", budget.probe_config,
              ["encoder=random", f"arch={budget.variant}"], args.probe_arg),
-            ("finetune_mae", "finetune/finetune.py", budget.finetune_config, [f"encoder={encoder}"], args.finetune_arg),
-            ("finetune_scratch", "finetune/finetune.py", budget.finetune_config,
+            ("finetune_mae", "finetune/classify.py", budget.finetune_config, [f"encoder={encoder}"], args.finetune_arg),
+            ("finetune_scratch", "finetune/classify.py", budget.finetune_config,
              ["encoder=random", f"arch={budget.variant}"], args.finetune_arg)):
         run_dir = work / key
         split_args = [f"data.train_split={probe_split}"] if key.startswith("probe") else []

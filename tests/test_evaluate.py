@@ -69,7 +69,7 @@ def test_saved_classifier_reloads_with_same_predictions(tmp_path):
 
 def test_evaluate_matches_finetune_and_probe_runs(tiny):
     from finetune.evaluate import main as evaluate
-    from finetune.finetune import main as finetune
+    from finetune.classify import main as finetune
     from finetune.linprobe import main as linprobe
 
     common = [f"data.path={tiny['data']}", f"encoder={tiny['encoder']}", *COMMON, "optim.warmup_steps=1"]
@@ -103,7 +103,7 @@ def test_evaluate_matches_finetune_and_probe_runs(tiny):
 
 def test_evaluate_errors(tiny):
     from finetune.evaluate import main as evaluate
-    from finetune.finetune import main as finetune
+    from finetune.classify import main as finetune
     from launch.config import ConfigError
 
     run = tiny["base"] / "ft_err"

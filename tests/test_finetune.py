@@ -30,7 +30,7 @@ def _args(tiny, run, *extra):
 def test_classifier_gets_encoder_weights_head_init_and_layer_decay(tiny):
     from finetune.config import FinetuneConfig
     from finetune.encoder_source import resolve_encoder
-    from finetune.finetune import build_classifier, build_criterion
+    from finetune.classify import build_classifier, build_criterion
     from launch.config import load_config
     from launch.param_groups import param_groups
     from models.convert import load_state_dict
@@ -59,7 +59,7 @@ def test_classifier_gets_encoder_weights_head_init_and_layer_decay(tiny):
 
 
 def test_finetune_end_to_end_avg_pool_mixup_ema(tiny):
-    from finetune.finetune import main
+    from finetune.classify import main
 
     run = tiny["base"] / "ft1"
     out = main(_args(tiny, run, "run.steps=4", "eval_every=2", "model.global_pool=avg", "ema.enabled=true",
@@ -79,7 +79,7 @@ def test_finetune_end_to_end_avg_pool_mixup_ema(tiny):
 
 def test_finetune_resume_is_exact(tiny):
     """A run resumed from its step-2 checkpoint ends with the same weights as the uninterrupted 4-step run."""
-    from finetune.finetune import main
+    from finetune.classify import main
 
     run = tiny["base"] / "resume"
     args = _args(tiny, run, "run.steps=4", "run.save_every=2", "eval_every=0")
@@ -100,7 +100,7 @@ def test_two_processes_finetune_counts_every_image_once(tiny, tmp_path):
     run = tmp_path / "ft2"
     ev_args = [f"checkpoint={run}", f"data={tiny['data']}:test", "num_workers=0", "batch_size=3", "progress=false",
                f"output={tmp_path / 'ev2.json'}"]
-    script = ("from finetune.finetune import main\nfrom finetune.evaluate import main as evaluate\n"
+    script = ("from finetune.classify import main\nfrom finetune.evaluate import main as evaluate\n"
               f"main({_args(tiny, run, 'run.steps=2', 'eval_every=1')!r})\nevaluate({ev_args!r})\n")
     launch_two(script, tmp_path)
     assert json.loads((tmp_path / "ev2.json").read_text())["n_images"] == N_TEST  # evaluate.py on 2 ranks too
@@ -112,7 +112,7 @@ def test_two_processes_finetune_counts_every_image_once(tiny, tmp_path):
 
 
 def _bad(tiny, *extra):
-    from finetune.finetune import main
+    from finetune.classify import main
     from launch.config import ConfigError
 
     with pytest.raises((ConfigError, SystemExit)) as info:

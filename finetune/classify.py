@@ -1,4 +1,4 @@
-"""End-to-end fine-tuning of a pretrained encoder: `accelerate launch finetune/finetune.py [CONFIG.yaml] [key=value ...]`.
+"""End-to-end fine-tuning of a pretrained encoder: `accelerate launch finetune/classify.py [CONFIG.yaml] [key=value ...]`.
 
 The encoder (our encoder.safetensors, an official MAE .pth, timm:NAME + weights, or `random` for from-scratch) goes
 into a timm VisionTransformer with a class head (`model.global_pool=avg`: mean of patch tokens + fc_norm, as MAE
