@@ -38,9 +38,15 @@ def opt(default: Any, help: str) -> Any:
     return dataclasses.field(default=default, metadata={"help": help})
 
 
-def section(cls: type, help: str = "") -> Any:
-    """A nested dataclass field whose default is `cls()`."""
-    return dataclasses.field(default_factory=cls, metadata={"help": help})
+def section(cls: type, help: str = "", **defaults: Any) -> Any:
+    """A nested dataclass field whose default is `cls(**defaults)`: a shared section with other defaults, no subclass.
+
+        run: RunConfig = section(RunConfig, "how the run runs", output_dir="runs/pretrain", steps=240)
+    """
+    unknown = set(defaults) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise TypeError(f"section({cls.__name__}): unknown fields {sorted(unknown)}")
+    return dataclasses.field(default_factory=lambda: cls(**defaults), metadata={"help": help})
 
 
 # ----------------------------------------------------------------------------------------------- conversion
@@ -167,6 +173,16 @@ def _build(cls: type[T], values: Mapping[str, Any], sources: Mapping[str, str], 
     kwargs: dict[str, Any] = {}
     if base is not None:
         kwargs = {f.name: getattr(base, f.name) for f in dataclasses.fields(cls) if f.init}
+    # `EXCLUSIVE` names groups of keys that say one thing two ways (micro vs global batch): giving one key of a group
+    # clears the others' defaults, giving two is an error.
+    for group in getattr(cls, "EXCLUSIVE", ()):
+        given = [k for k in group if k in values]
+        if len(given) > 1:
+            keys = " and ".join(prefix + k for k in given)
+            where = ", ".join(sorted({sources.get(prefix + k, COMMAND_LINE) for k in given}))
+            raise ConfigError(f"config keys {keys} (from {where}) say the same thing two ways: give only one")
+        if given:
+            kwargs.update({k: None for k in group if k not in given})
     for name, value in values.items():
         key = prefix + name
         source = sources.get(key, sources.get(prefix.rstrip("."), COMMAND_LINE))
