@@ -1,37 +1,62 @@
-"""Turn one raw WebDataset sample (dict of bytes) into a PIL image and an integer label.
+"""Turn one raw WebDataset sample (dict of bytes) into an image and an integer label, and images into uint8 pixels.
 
-Decoding is done here rather than by `wds.decode("pil")` so the loaders can (a) use PIL's `draft` mode, which lets
-libjpeg decode a large JPEG directly at 1/2, 1/4 or 1/8 scale (much less work when the network input is far smaller
-than the stored image), and (b) tell a corrupt image apart from a pipeline error, to count and skip it.
+Decoding is done here rather than by `wds.decode("pil")` so the loaders can (a) decode a large JPEG directly at
+1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling through PIL's `draft`: much less work when the network input is far
+smaller than the stored image), and (b) tell a corrupt image apart from a pipeline error, to count and skip it.
+
+`decode_image` returns an RGB JPEG *unloaded* (PIL's own lazy open: the header is parsed, the pixels are decoded on
+first use, and PIL loads them by itself for any PIL operation), holding its encoded bytes. That lets a transform
+first draw its crop and then decode at the smallest scale the crop allows (`uint8_pixels`), with libjpeg-turbo
+through `torchvision.io.decode_jpeg` at full scale. A corrupt body is therefore found when the pixels are decoded:
+`load_image` and `uint8_pixels` raise `CorruptSample` then, which the loaders catch around the transform too.
+Other formats and modes (PNG, grayscale or CMYK JPEG) are decoded and converted to RGB at once, as before.
 """
 
 from __future__ import annotations
 
 import io
+import warnings
 
+import numpy as np
+import torch
 from PIL import Image
+from torchvision.io import decode_jpeg
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
+# attribute of an unloaded JPEG from decode_image holding its encoded bytes (PIL images take extra attributes)
+ENCODED = "tessera_encoded"
+# DCT-scaled decoding stops while the region is still this many times the output size, and the antialiased resize
+# does the rest (PIL's `Image.thumbnail(reducing_gap=2.0)` rule: then the result is hard to tell from a full decode)
+REDUCING_GAP = 2.0
 
 
 class CorruptSample(ValueError):
     """A sample whose image cannot be decoded, or which holds no image at all."""
 
 
+def _where(sample: dict) -> str:
+    return f"sample {sample.get('__key__')!r} ({sample.get('__url__')})"
+
+
 def decode_image(sample: dict, draft_size: int | None = None) -> Image.Image:
-    """Decode the sample's image to RGB. With `draft_size`, JPEGs are decoded at the smallest 1/2^k scale whose
-    both sides are still >= draft_size (PIL `Image.draft`); other formats are decoded at full size."""
+    """The sample's image as RGB. Without `draft_size` an RGB JPEG comes back unloaded (see the module docstring);
+    with it, JPEGs are decoded at once at the smallest 1/2^k scale whose both sides are still >= draft_size (PIL
+    `Image.draft`). Other formats are decoded at full size."""
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     if key is None:
         raise CorruptSample(f"sample {sample.get('__key__')!r} has no image (keys: {sorted(sample)})")
+    data = sample[key]
     try:
-        img = Image.open(io.BytesIO(sample[key]))
+        img = Image.open(io.BytesIO(data))
+        if img.format == "JPEG" and img.mode == "RGB" and not draft_size:
+            setattr(img, ENCODED, bytes(data))
+            return img
         if draft_size and img.format == "JPEG":
             img.draft("RGB", (draft_size, draft_size))
         img.load()
         return img.convert("RGB") if img.mode != "RGB" else img
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
-        raise CorruptSample(f"sample {sample.get('__key__')!r} ({sample.get('__url__')}): {exc}") from exc
+        raise CorruptSample(f"{_where(sample)}: {exc}") from exc
 
 
 def decode_label(sample: dict) -> int:
@@ -43,3 +68,65 @@ def decode_label(sample: dict) -> int:
         return int(raw.decode() if isinstance(raw, (bytes, bytearray)) else raw)
     except ValueError as exc:
         raise CorruptSample(f"sample {sample.get('__key__')!r}: cls is not an integer ({raw[:20]!r})") from exc
+
+
+def is_unloaded_jpeg(img) -> bool:
+    """True for an RGB JPEG from `decode_image` whose pixels have not been decoded yet (PIL empties `tile` on load)."""
+    return isinstance(img, Image.Image) and getattr(img, ENCODED, None) is not None and bool(img.tile)
+
+
+def load_image(img: Image.Image) -> Image.Image:
+    """Decode an unloaded image's pixels (PIL `load`), turning a decoding failure into `CorruptSample`."""
+    try:
+        img.load()
+    except Exception as exc:
+        raise CorruptSample(f"image cannot be decoded: {exc}") from exc
+    return img
+
+
+def dct_reduction(full: tuple[int, int], region: tuple[int, int], out: tuple[int, int],
+                  gap: float = REDUCING_GAP) -> int:
+    """The JPEG decode scale divisor (1, 2, 4 or 8) for a `region` (h, w) of an image of size `full` (h, w) that
+    will be resized to `out` (h, w): the largest power of two that leaves the region >= gap x out on both sides.
+    The crop box is then rounded to the reduced pixel grid: a shift of at most s/2 source pixels, under a quarter
+    of an output pixel (an equally likely crop, not a change of the augmentation's distribution)."""
+    factor = min(region[0] / out[0], region[1] / out[1]) / gap
+    return next((s for s in (8, 4, 2) if factor >= s and min(full) // s >= 1), 1)
+
+
+def _pil_to_chw(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 [C, H, W] tensor over PIL's pixel copy (channels-last strides: what torch's uint8
+    resize wants). The array is read-only; nothing writes to it (resizing and copies make new tensors)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.asarray(img)).permute(2, 0, 1)
+
+
+def uint8_pixels(img: Image.Image | torch.Tensor, reduce: int = 1) -> tuple[torch.Tensor, float]:
+    """Pixels as a uint8 [C, H, W] tensor and the scale they were decoded at (1, or 1/reduce for an unloaded JPEG
+    decoded with libjpeg's DCT scaling). Full-scale JPEGs go through `torchvision.io.decode_jpeg`; the result may be
+    a channels-last view (callers resize or copy it)."""
+    if isinstance(img, torch.Tensor):
+        if img.dtype != torch.uint8 or img.dim() != 3:
+            raise TypeError(f"expected a uint8 [C, H, W] tensor, got {img.dtype} {tuple(img.shape)}")
+        return img, 1.0
+    if is_unloaded_jpeg(img):
+        full_w = img.width
+        if reduce > 1:
+            img.draft("RGB", (max(1, img.width // reduce), max(1, img.height // reduce)))
+        else:
+            try:
+                encoded = torch.frombuffer(bytearray(getattr(img, ENCODED)), dtype=torch.uint8)
+                return decode_jpeg(encoded), 1.0
+            except RuntimeError as exc:
+                raise CorruptSample(f"JPEG cannot be decoded: {exc}") from exc
+        load_image(img)
+        return _pil_to_chw(img), img.width / full_w
+    load_image(img)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return _pil_to_chw(img), 1.0
+
+
+__all__ = ["CorruptSample", "IMAGE_KEYS", "decode_image", "decode_label", "dct_reduction", "is_unloaded_jpeg",
+           "load_image", "uint8_pixels"]

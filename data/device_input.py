@@ -17,7 +17,7 @@ Host tensors are pinned first when `pin_memory` is on (default: on for CUDA); pi
 from __future__ import annotations
 
 import collections
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 

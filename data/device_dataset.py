@@ -1,0 +1,180 @@
+"""A small dataset held on the training device as uint8 and augmented there: the loader for CIFAR-scale data.
+
+`build_device_loader(spec, batch_size=..., img_size=..., device=...)` decodes every image of the split once (all
+must share one size, e.g. CIFAR-10's 32 px), keeps them as one uint8 [N, C, H, W] tensor on the device (CIFAR-10
+train: 154 MB) and yields the same batches as `data.train_stream.TrainLoader` does: `{"image": uint8 [B, C, S, S],
+"label": [B], "n_corrupt": int}`, already on the device, so `data.device_input.device_batches` only normalises.
+No worker processes, no decoding, no host-to-device copies per step: the loader stops being the bottleneck of a
+GPU recipe on a small dataset.
+
+Augmentation, on the device, whole batch at once: RandomResizedCrop (torchvision's rule: area U(scale), log-uniform
+aspect ratio, first of 10 draws that fits, else the center crop) resampled with `grid_sample` (bilinear or
+bicubic, no antialiasing: meant for crops that are upsampled or mildly downsampled, as CIFAR's 32 px crops to
+32 px), and horizontal flip. Written by hand: torchvision's v2 transforms draw one box per call, not per sample.
+
+Order and randomness are functions of the position only: epoch e is a permutation drawn from mix_seed(seed,
+"device-perm", e), split over ranks (rank r takes every world_size-th image, whole batches, the rest dropped),
+and batch k's crops come from a device generator seeded with mix_seed(seed, "device-crop", rank, k). `state_dict`
+/ `load_state_dict` record the batch count, so resume is exact, as with the shard stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+
+from data.decode import CorruptSample, decode_image, decode_label, uint8_pixels
+from data.info import DatasetInfo, resolve
+from data.seeding import mix_seed
+
+log = logging.getLogger(__name__)
+ATTEMPTS = 10
+MODES = ("bilinear", "bicubic")
+
+
+def load_split_uint8(spec) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Every image of a split as uint8 [N, C, H, W] (shard order), labels [N] (-1 unlabelled), and the number of
+    samples skipped because they could not be decoded."""
+    info = spec if isinstance(spec, DatasetInfo) else resolve(spec)
+    images, labels, skipped = [], [], 0
+    for url in info.urls:
+        for sample in wds.tarfile_samples(iter([{"url": url}])):
+            try:
+                pixels, _ = uint8_pixels(decode_image(sample))
+                label = decode_label(sample)
+            except CorruptSample as exc:
+                skipped += 1
+                log.warning("device dataset: skipping %s", exc)
+                continue
+            if images and pixels.shape != images[0].shape:
+                raise ValueError(f"{url}: image {sample.get('__key__')!r} is {tuple(pixels.shape)}, the first was "
+                                 f"{tuple(images[0].shape)}; the device loader needs images of one size "
+                                 "(write the shards at one size, or use the shard stream: data.loader=stream)")
+            images.append(pixels.contiguous())
+            labels.append(label)
+    if not images:
+        raise ValueError(f"no decodable image in {info.urls[:3]}...")
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long), skipped
+
+
+def crop_boxes(n: int, height: int, width: int, scale, ratio, generator: torch.Generator, device) -> torch.Tensor:
+    """Per-sample RandomResizedCrop boxes [N, 4] (top, left, h, w) as float, torchvision's rule, drawn at once."""
+    u = torch.rand(4, n, ATTEMPTS, generator=generator, device=device)
+    area = height * width * (scale[0] + u[0] * (scale[1] - scale[0]))
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    aspect = torch.exp(log_r[0] + u[1] * (log_r[1] - log_r[0]))
+    w = torch.round(torch.sqrt(area * aspect))
+    h = torch.round(torch.sqrt(area / aspect))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.float().argmax(dim=1, keepdim=True)
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    top = torch.floor(u[2].gather(1, first).squeeze(1) * (height - h + 1))
+    left = torch.floor(u[3].gather(1, first).squeeze(1) * (width - w + 1))
+    # torchvision's fallback when no draw fits: the largest center crop within the ratio range
+    in_ratio = width / height
+    cw = float(width) if in_ratio <= ratio[1] else float(round(height * ratio[1]))
+    ch = float(height) if in_ratio >= ratio[0] else float(round(width / ratio[0]))
+    ok = fits.any(dim=1)
+    h = torch.where(ok, h, torch.full_like(h, ch))
+    w = torch.where(ok, w, torch.full_like(w, cw))
+    top = torch.where(ok, top, torch.full_like(top, (height - ch) // 2))
+    left = torch.where(ok, left, torch.full_like(left, (width - cw) // 2))
+    return torch.stack([top, left, h, w], dim=1)
+
+
+def resized_crops(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int,
+                  mode: str = "bicubic") -> torch.Tensor:
+    """uint8 [N, C, H, W] -> crops (top, left, h, w) resampled to uint8 [N, C, size, size], flipped where `flip`."""
+    n, _, height, width = images.shape
+    top, left, h, w = boxes.unbind(1)
+    steps = (torch.arange(size, device=images.device, dtype=torch.float32) + 0.5) / size  # output pixel centres
+    xs = left.view(-1, 1) + steps.view(1, -1) * w.view(-1, 1)  # [N, S] source x of each output column
+    xs = torch.where(flip.view(-1, 1), xs.flip(1), xs)
+    ys = top.view(-1, 1) + steps.view(1, -1) * h.view(-1, 1)
+    gx = (xs / width * 2 - 1).view(n, 1, size).expand(n, size, size)  # grid_sample, align_corners=False
+    gy = (ys / height * 2 - 1).view(n, size, 1).expand(n, size, size)
+    grid = torch.stack([gx, gy], dim=-1)
+    out = F.grid_sample(images.float(), grid, mode=mode, padding_mode="border", align_corners=False)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+class DeviceTrainLoader:
+    """Infinite batches of a device-resident uint8 dataset, augmented on the device; exact resume by batch count."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, img_size: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5,
+                 interpolation: str = "bicubic", start_batch: int = 0, n_corrupt: int = 0):
+        if interpolation not in MODES:
+            raise ValueError(f"interpolation must be one of {MODES}, got {interpolation!r}")
+        self.per_rank = images.shape[0] // world_size
+        if batch_size < 1 or self.per_rank < batch_size:
+            raise ValueError(f"batch_size {batch_size} must be in [1, {self.per_rank}] (images per rank)")
+        self.images, self.labels = images, labels.to(images.device)
+        self.batch_size, self.img_size = batch_size, img_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.scale, self.ratio, self.hflip, self.mode = tuple(scale), tuple(ratio), hflip, interpolation
+        self.batches = start_batch
+        self.n_corrupt = n_corrupt
+        self.batches_per_epoch = self.per_rank // batch_size
+        self._epoch, self._order = None, None
+
+    def _rank_order(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(mix_seed(self.seed, "device-perm", epoch))
+            perm = torch.randperm(self.images.shape[0], generator=g)
+            self._order = perm[self.rank::self.world_size][:self.per_rank].to(self.images.device)
+            self._epoch = epoch
+        return self._order
+
+    def batch(self, k: int) -> dict:
+        """Rank batch number k (a pure function of k, the seed, rank and world size)."""
+        epoch, b = divmod(k, self.batches_per_epoch)
+        idx = self._rank_order(epoch)[b * self.batch_size:(b + 1) * self.batch_size]
+        dev = self.images.device
+        g = torch.Generator(device=dev).manual_seed(mix_seed(self.seed, "device-crop", self.rank, k))
+        src = self.images.index_select(0, idx)
+        boxes = crop_boxes(len(idx), src.shape[2], src.shape[3], self.scale, self.ratio, g, dev)
+        flip = torch.rand(len(idx), generator=g, device=dev) < self.hflip
+        return {"image": resized_crops(src, boxes, flip, self.img_size, self.mode),
+                "label": self.labels.index_select(0, idx), "n_corrupt": self.n_corrupt}
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            out = self.batch(self.batches)
+            self.batches += 1
+            yield out
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+                "batch_size": self.batch_size, "num_samples": int(self.images.shape[0]), "loader": "device"}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        diff = [f"{k}: saved {state[k]} vs now {mine[k]}" for k in mine
+                if k not in ("batches", "rank") and k in state and state[k] != mine[k]]
+        if diff:
+            raise ValueError("cannot resume the device loader exactly, it is built differently: " + "; ".join(diff))
+        self.batches = int(state["batches"])
+
+
+def build_device_loader(spec, *, batch_size: int, img_size: int, device, seed: int = 0, rank: int = 0,
+                        world_size: int = 1, scale=(0.2, 1.0), hflip: float = 0.5, interpolation: str = "bicubic",
+                        start_batch: int = 0, max_gb: float = 4.0) -> DeviceTrainLoader:
+    """Decode the split once, put it on `device` as uint8 and return its augmenting loader (see the module doc).
+    `max_gb`: refuse datasets larger than this (they belong to the shard stream)."""
+    images, labels, skipped = load_split_uint8(spec)
+    size_gb = images.numel() / 2**30
+    if size_gb > max_gb:
+        raise ValueError(f"{spec}: {images.shape[0]} images take {size_gb:.1f} GB as uint8, over the device "
+                         f"loader's {max_gb} GB limit; use the shard stream (data.loader=stream)")
+    return DeviceTrainLoader(images.to(device), labels, batch_size=batch_size, img_size=img_size, seed=seed,
+                             rank=rank, world_size=world_size, scale=scale, hflip=hflip, interpolation=interpolation,
+                             start_batch=start_batch, n_corrupt=skipped)
+
+
+__all__ = ["DeviceTrainLoader", "build_device_loader", "crop_boxes", "load_split_uint8", "resized_crops"]
