@@ -9,27 +9,170 @@ Atomicity: every rank writes into `checkpoints/.tmp-step_000100/`; after a barri
 leaves the previous checkpoints whole; stale `.tmp-*` directories are ignored and deleted at the next save or load.
 The rename is done by the global main process, so multi-node runs need a shared file system for `output_dir`.
 Accelerate's automatic checkpoint naming is not used (its counter collides after `load_state`).
+
+Failures are named, not tracebacks:
+* a save that fails (all ranks agree on it) removes its temporary directory; a full disk (ENOSPC/EDQUOT, or torch's
+  "unexpected pos" with no space left) raises `CheckpointWriteError` saying so, naming the path, the free space and
+  the previous checkpoint, which is intact;
+* rotation keeps the checkpoint just saved and the newest `keep - 1` older ones; a checkpoint with a higher step
+  (another run's, in a directory that was not cleared) is moved aside to `RUN_DIR/replaced-<time>/`, never deleted;
+* `load_latest` checks the newest complete checkpoint's files first (safetensors header against the file size, the
+  zip directory of every torch.save file, the state JSON): a truncated or corrupt one gives one warning naming it, is
+  renamed `step_NNNNNN.corrupt` and the previous complete checkpoint is used; a checkpoint that still fails to load
+  raises `CheckpointUnreadable` naming it and the way out;
+* a `random_states_<rank>.pkl` that safe (weights-only) unpickling refuses, e.g. because it carries code, is not
+  loaded (Accelerate skips it with an info-level log line only); a loud warning says the RNG streams restart and
+  the resume is no longer exact, and the returned state has `rng_restored: False`.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
+import struct
+import sys
+import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, broadcast_object_list
+
+from launch.errors import UserError
 
 STATE_FILE = "tessera_state.json"
+RNG_FILE = "random_states_{}.pkl"  # what accelerator.save_state writes per process (accelerate's RNG_STATE_NAME)
+CORRUPT_SUFFIX = ".corrupt"
+REPLACED_PREFIX = "replaced-"  # RUN_DIR/replaced-<UTC time>/: what a new run moved out of its way
 _NAME = re.compile(r"^step_(\d+)$")
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# torch's zip writer reports a failed write (e.g. no space left) as "unexpected pos" / "file write failed"
+_WRITE_FAILED = ("unexpected pos", "file write failed", "No space left", "os error 28", "Disk quota exceeded")
+LOW_SPACE_BYTES = 64 * 2**20  # after a failed write, less free space than this means the disk filled up
 
 
 class ResumeMismatch(RuntimeError):
     """The checkpoint cannot be resumed with the current config (model shape or DeepSpeed world size changed)."""
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (full disk); the previous checkpoint is intact."""
+
+
+class CheckpointUnreadable(UserError):
+    """The checkpoint chosen for resuming cannot be loaded; the message names it and the way out."""
+
+
+def warn(message: str) -> None:
+    """A warning the user must see: stderr, flushed, prefixed with the process rank under a launcher."""
+    rank = os.environ.get("RANK")
+    where = f" [rank {rank}]" if rank not in (None, "", "0") else ""
+    print(f"WARNING{where}: {message}", file=sys.stderr, flush=True)
+
+
+def utc_stamp() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+
+
+def complete_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint (`step_N/` holding the state JSON) in `ckpt_dir`, oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = []
+    for path in ckpt_dir.iterdir():
+        m = _NAME.match(path.name)
+        if m and (path / STATE_FILE).is_file():
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def move_aside(run_dir: str | Path, paths: list[Path], stamp: str | None = None) -> Path:
+    """Move `paths` (inside `run_dir`) into `run_dir/replaced-<stamp>/`, keeping their paths relative to run_dir."""
+    run_dir = Path(run_dir)
+    target = run_dir / f"{REPLACED_PREFIX}{stamp or utc_stamp()}"
+    for path in paths:
+        dest = target / Path(path).resolve().relative_to(run_dir.resolve())
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, dest)
+    return target
+
+
+def _check_safetensors(path: Path, name: str) -> str | None:
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return f"{name} has {size} bytes, too short for a safetensors file"
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            return f"{name} has {size} bytes but its header alone needs {n + 8} (truncated)"
+        try:
+            header = json.loads(fh.read(n))
+        except ValueError:
+            return f"{name} has an unreadable safetensors header"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and "data_offsets" in v]
+    need = 8 + n + max(ends, default=0)
+    if size < need:
+        return f"{name} has {size} bytes, {need} expected (truncated)"
+    return None
+
+
+def _check_zip(path: Path, name: str) -> str | None:
+    try:
+        with zipfile.ZipFile(path) as zf:  # reads the central directory at the end: a truncated file has none
+            zf.infolist()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        return f"{name} is not a complete torch.save file ({exc})"
+    return None
+
+
+def verify_checkpoint(path: str | Path) -> str | None:
+    """What is wrong with a complete-looking checkpoint directory, or None. Cheap: reads headers and zip
+    directories, never the tensors. Checks the state JSON, every *.safetensors file and every torch.save (zip)
+    file, which covers what Accelerate and DeepSpeed write."""
+    path = Path(path)
+    try:
+        json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        return f"{STATE_FILE} is unreadable ({exc})"
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        name = str(file.relative_to(path))
+        try:
+            if file.suffix == ".safetensors":
+                problem = _check_safetensors(file, name)
+            else:
+                with file.open("rb") as fh:
+                    magic = fh.read(4)
+                problem = _check_zip(file, name) if magic == b"PK\x03\x04" else None
+        except OSError as exc:
+            problem = f"{name} cannot be read ({exc})"
+        if problem:
+            return problem
+    return None
+
+
+def _is_disk_full(exc: BaseException, where: Path) -> bool:
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL_ERRNOS:
+        return True
+    if any(text in str(exc) for text in _WRITE_FAILED):
+        try:
+            return shutil.disk_usage(where).free < LOW_SPACE_BYTES or "unexpected pos" not in str(exc)
+        except OSError:
+            return True
+    return False
+
+
+def _free_space(where: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(where).free / 2**20:.1f} MiB free there now"
+    except OSError:
+        return "free space unknown"
 
 
 def model_fingerprint(model: torch.nn.Module) -> dict[str, list[int]]:
@@ -75,21 +218,15 @@ class CheckpointManager:
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.accelerator = accelerator
-        self.dir = Path(run_dir) / "checkpoints"
+        self.run_dir = Path(run_dir)
+        self.dir = self.run_dir / "checkpoints"
         self.keep = keep
 
     # ------------------------------------------------------------------------------------------ listing
 
     def complete(self) -> list[tuple[int, Path]]:
         """(step, path) of every complete checkpoint, oldest first."""
-        if not self.dir.is_dir():
-            return []
-        found = []
-        for path in self.dir.iterdir():
-            m = _NAME.match(path.name)
-            if m and (path / STATE_FILE).is_file():
-                found.append((int(m.group(1)), path))
-        return sorted(found)
+        return complete_checkpoints(self.dir)
 
     def latest(self) -> Path | None:
         done = self.complete()
@@ -103,48 +240,145 @@ class CheckpointManager:
             for path in self.dir.glob(".tmp-*"):
                 shutil.rmtree(path, ignore_errors=True)
 
-    # ------------------------------------------------------------------------------------------ save / load
+    def _any(self, flag: bool) -> bool:
+        """True when `flag` is true on any process (one small all-reduce; only on the rare failure paths' checks)."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
+
+    # ------------------------------------------------------------------------------------------ save
 
     def save(self, step: int, state: dict[str, Any]) -> Path:
         """Save model/optimizer/scaler/RNG (via Accelerate) and `state` as `checkpoints/step_<step>`, atomically."""
         acc = self.accelerator
         final = self.path_for(step)
         tmp = self.dir / f".tmp-{final.name}"
-        if acc.is_main_process:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self._clean_stale()
+        error: BaseException | None = None
+        try:
+            if acc.is_main_process:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                self._clean_stale()
+        except OSError as exc:
+            error = exc
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()
+        if error is None:
+            try:
+                acc.save_state(str(tmp))
+            except (OSError, RuntimeError) as exc:  # torch's zip writer raises RuntimeError on a failed write
+                error = exc
+        if not self._any(error is not None) and acc.is_main_process:
+            try:
+                record = {**state, "step": int(step), "world_size": acc.num_processes}
+                with (tmp / STATE_FILE).open("w") as fh:
+                    json.dump(record, fh, indent=1)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            except OSError as exc:
+                error = exc
+        if self._any(error is not None):
+            self._failed(final, tmp, error)
         if acc.is_main_process:
-            record = {**state, "step": int(step), "world_size": acc.num_processes}
-            with (tmp / STATE_FILE).open("w") as fh:
-                json.dump(record, fh, indent=1)
-                fh.flush()
-                os.fsync(fh.fileno())
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            for _, old in self.complete()[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            self._rotate(step)
         acc.wait_for_everyone()
         return final
+
+    def _failed(self, final: Path, tmp: Path, error: BaseException | None) -> None:
+        """Clean up after a save that failed on some process and raise (every process raises)."""
+        full = error is not None and _is_disk_full(error, self.dir if self.dir.exists() else self.run_dir)
+        space = _free_space(self.dir if self.dir.exists() else self.run_dir)  # before the partial files go
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = self.latest()
+        kept = (f"the previous checkpoint {previous} is intact; re-running the same command resumes from it"
+                if previous else "there is no earlier checkpoint of this run")
+        if error is None:
+            raise RuntimeError(f"saving checkpoint {final.name} failed on another process; {kept}")
+        if full:
+            raise CheckpointWriteError(
+                f"the disk is full: saving checkpoint {final.name} into {self.dir} failed ({_short(error)}); "
+                f"{space}. The partial checkpoint was removed and {kept}. Free space there (or set run.output_dir "
+                f"to a larger file system, or lower run.keep_checkpoints)") from None
+        raise error
+
+    def _rotate(self, step: int) -> None:
+        """Keep the checkpoint of `step` and the newest keep-1 older ones; move newer-step ones (another run's)
+        aside. Main process only."""
+        done = self.complete()
+        newer = [p for s, p in done if s > step]
+        if newer:
+            target = move_aside(self.run_dir, newer)
+            warn(f"{self.dir} held checkpoints with higher steps than this run's step {step} "
+                 f"({', '.join(p.name for p in newer)}), from another run; moved them to {target} so that resuming "
+                 f"picks this run's checkpoints")
+        older = [p for s, p in done if s < step]
+        for old in older[: max(0, len(older) - (self.keep - 1))]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------------------ load
 
     def read_state(self, path: Path) -> dict[str, Any]:
         try:
             return json.loads((path / STATE_FILE).read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise ResumeMismatch(f"checkpoint {path} has an unreadable {STATE_FILE}: {exc}") from None
+            raise CheckpointUnreadable(f"checkpoint {path} has an unreadable {STATE_FILE}: {exc}") from None
+
+    def choose(self) -> Path | None:
+        """The newest complete checkpoint whose files check out (main process decides, all ranks get the answer).
+        Each newer one that does not is named in a warning and renamed `<name>.corrupt`."""
+        chosen = None
+        if self.accelerator.is_main_process:
+            self._clean_stale()
+            bad = []
+            for _, path in reversed(self.complete()):
+                problem = verify_checkpoint(path)
+                if problem is None:
+                    chosen = str(path)
+                    break
+                bad.append((path, problem))
+            for path, problem in bad:
+                kept = path.with_name(path.name + CORRUPT_SUFFIX)
+                shutil.rmtree(kept, ignore_errors=True)
+                os.replace(path, kept)
+                instead = (f"resuming from the previous complete checkpoint {chosen} instead" if chosen else
+                           "no older complete checkpoint is left: starting from the beginning")
+                warn(f"checkpoint {path} is incomplete or corrupt: {problem}. Kept as {kept}; {instead}")
+        if self.accelerator.num_processes > 1:
+            box = [chosen]
+            broadcast_object_list(box, from_process=0)
+            chosen = box[0]
+        return Path(chosen) if chosen else None
+
+    def _check_rng_file(self, path: Path) -> bool:
+        """Can this process's RNG file be loaded the way Accelerate loads it (weights-only)? Warn loudly if not."""
+        from accelerate.utils import load
+
+        rng = path / RNG_FILE.format(self.accelerator.process_index)
+        try:
+            load(rng)
+            return True
+        except Exception as exc:  # noqa: BLE001 - any refusal means the RNG state is not restored
+            why = ("it carries code, which safe (weights-only) unpickling refuses"
+                   if "weights_only" in str(exc) or "global" in str(exc).lower() else _short(exc))
+            warn(f"the RNG state file {rng} of checkpoint {path.name} is not loaded: {why}. The random streams "
+                 f"(masking noise, augmentation, dropout) restart from the seed instead, so this resume is NOT "
+                 f"exact: the run continues, but will not match an uninterrupted run. Re-create the file only from "
+                 f"a trusted source")
+            return False
 
     def load_latest(self, expect_fingerprint: dict | None = None, config: dict | None = None) -> dict[str, Any] | None:
-        """Restore the newest complete checkpoint through `accelerator.load_state`; return its extra state.
+        """Restore the newest complete, intact checkpoint through `accelerator.load_state`; return its extra state.
 
         `expect_fingerprint` (from `model_fingerprint`) is compared with the saved one first: a checkpoint of a model
         with other shapes is refused with a `ResumeMismatch` naming the tensors (and, given `config`, the config
         keys) that changed. Under DeepSpeed a different world size is refused too (ZeRO partitions cannot be re-split).
+        The returned state has `rng_restored` (False when this process's RNG file could not be loaded safely).
         """
-        self._clean_stale()
-        path = self.latest()
+        path = self.choose()
         if path is None:
             return None
         state = self.read_state(path)
@@ -157,7 +391,8 @@ class CheckpointManager:
                     if keys:
                         lines.append("config changes: " + "; ".join(keys))
                 lines.append("tensors: " + "; ".join(changes))
-                lines.append("use another run.output_dir, or run.resume=false to start over (it overwrites checkpoints)")
+                lines.append("use another run.output_dir, or start over with run.resume=false run.overwrite=true "
+                             "(the old checkpoints are moved aside)")
                 raise ResumeMismatch("\n  ".join(lines))
         saved_world = state.get("world_size")
         if (
@@ -171,8 +406,21 @@ class CheckpointManager:
                 f"{saved_world} processes, or start a new run from its consolidated weights "
                 f"(deepspeed.utils.zero_to_fp32 on {path})"
             )
-        self.accelerator.load_state(str(path))
-        return state
+        rng_ok = self._check_rng_file(path)
+        try:
+            self.accelerator.load_state(str(path))
+        except Exception as exc:  # noqa: BLE001 - named for the user; the original is chained for debugging
+            older = [p for _, p in self.complete() if p != path]
+            way = (f"move it aside (mv {path} {path}{CORRUPT_SUFFIX}) to resume from {older[-1]}" if older else
+                   "start over with run.resume=false run.overwrite=true")
+            raise CheckpointUnreadable(f"cannot load checkpoint {path}: {_short(exc)}; {way}") from exc
+        return {**state, "rng_restored": rng_ok}
+
+
+def _short(exc: BaseException) -> str:
+    """`Type: first line of the message`, for one-line reports."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def frozen_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -205,7 +453,8 @@ def export_state_dict(
             for name, value in (frozen or {}).items():
                 if name in state:
                     if tuple(state[name].shape) != tuple(value.shape):
-                        raise ValueError(f"frozen parameter {name}: {tuple(value.shape)} vs checkpoint {tuple(state[name].shape)}")
+                        raise ValueError(f"frozen parameter {name}: {tuple(value.shape)} vs checkpoint "
+                                         f"{tuple(state[name].shape)}")
                     state[name] = value
         acc.wait_for_everyone()
     else:
@@ -214,13 +463,20 @@ def export_state_dict(
             state = None
     if state is None:
         return None
-    return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous().clone() for k, v in state.items()}
+    return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous().clone()
+            for k, v in state.items()}
 
 
 __all__ = [
     "CheckpointManager",
+    "CheckpointUnreadable",
+    "CheckpointWriteError",
     "ResumeMismatch",
     "STATE_FILE",
+    "complete_checkpoints",
+    "move_aside",
+    "verify_checkpoint",
+    "warn",
     "model_fingerprint",
     "fingerprint_changes",
     "config_changes",

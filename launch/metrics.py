@@ -1,6 +1,8 @@
 """Run metrics: one JSON object per logged step in `RUN_DIR/metrics.jsonl`, mirrored to Accelerate's trackers.
 
 Only the main process writes. Values must already be Python numbers (call `.item()` at log steps only).
+The file is strict JSON (RFC 8259, `allow_nan=False`): a non-finite number (NaN, inf) is written as `null`, so any
+JSON reader takes it; trackers get only the finite numbers.
 On resume, `truncate_after(step)` drops lines logged after the checkpoint the run restarts from, so the file stays
 one clean series (the steps after it are logged again by the resumed run).
 """
@@ -15,6 +17,17 @@ from typing import Any
 from accelerate import Accelerator
 
 
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, inf, -inf) replaced by None, in nested dicts/lists/tuples too."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, accelerator: Accelerator, filename: str = "metrics.jsonl"):
         self.path = Path(run_dir) / filename
@@ -26,9 +39,9 @@ class MetricsLogger:
         """Append `{"step": step, **values}` to metrics.jsonl and send the numbers to the trackers."""
         if not self.accelerator.is_main_process:
             return
-        record = {"step": int(step), **values}
+        record = json_safe({"step": int(step), **values})
         with self.path.open("a") as fh:
-            fh.write(json.dumps(record, allow_nan=True) + "\n")
+            fh.write(json.dumps(record, allow_nan=False) + "\n")
         numbers = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         numbers = {k: v for k, v in numbers.items() if math.isfinite(v)}
         if numbers and self.accelerator.trackers:
@@ -65,4 +78,4 @@ def read_metrics(path: str | Path) -> list[dict]:
     return records
 
 
-__all__ = ["MetricsLogger", "read_metrics"]
+__all__ = ["MetricsLogger", "json_safe", "read_metrics"]
