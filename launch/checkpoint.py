@@ -170,7 +170,7 @@ def _is_disk_full(exc: BaseException, where: Path) -> bool:
 
 def _free_space(where: Path) -> str:
     try:
-        return f"{shutil.disk_usage(where).free / 2**20:.1f} MiB free there now"
+        return f"{shutil.disk_usage(where).free / 2**20:.1f} MiB were free when it failed"
     except OSError:
         return "free space unknown"
 
