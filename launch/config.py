@@ -1,6 +1,6 @@
 """Typed configuration: dataclasses with defaults, YAML files holding only the differences, `key=value` overrides.
 
-    cfg = load_config(PretrainConfig, ["pretrain/configs/cifar10.yaml", "optim.blr=1e-3", "model.name=mae_vit_tiny_patch4"])
+    cfg = load_config(PretrainConfig, ["pretrain/configs/cifar10.yaml", "optim.blr=1e-3", "model.name=mae_vit_tiny"])
 
 * Every section is a dataclass; fields carry a help text (`opt(default, "help")`) and checks live in `__post_init__`.
 * YAML files and overrides are merged in order (later wins). Dotted keys reach nested sections.
@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import types
-import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -167,7 +166,8 @@ def _section_default(cls: type, name: str) -> Any:
     return None if f.default is dataclasses.MISSING else f.default
 
 
-def _build(cls: type[T], values: Mapping[str, Any], sources: Mapping[str, str], prefix: str = "", base: Any = None) -> T:
+def _build(cls: type[T], values: Mapping[str, Any], sources: Mapping[str, str], prefix: str = "",
+           base: Any = None) -> T:
     """`cls(**values)` with conversion; fields not given keep `base`'s values (or the class defaults)."""
     hints = get_type_hints(cls)
     kwargs: dict[str, Any] = {}
@@ -191,7 +191,8 @@ def _build(cls: type[T], values: Mapping[str, Any], sources: Mapping[str, str], 
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, Mapping):
-                raise ConfigError(f"config key '{key}' (from {source}): is a section; give its keys, e.g. {key}.<name>=...")
+                raise ConfigError(f"config key '{key}' (from {source}): is a section; give its keys, "
+                                  f"e.g. {key}.<name>=...")
             nested_base = getattr(base, name) if base is not None else _section_default(cls, name)
             kwargs[name] = _build(tp, value, sources, key + ".", base=nested_base)
         else:
@@ -202,23 +203,41 @@ def _build(cls: type[T], values: Mapping[str, Any], sources: Mapping[str, str], 
         if isinstance(exc, ConfigError):
             raise
         where = sorted({sources[k] for k in sources if k.startswith(prefix)} or {"defaults"})
-        raise ConfigError(f"invalid config section '{prefix.rstrip('.') or cls.__name__}' (from {', '.join(where)}): {exc}") from None
+        section_name = prefix.rstrip(".") or cls.__name__
+        raise ConfigError(f"invalid config section '{section_name}' (from {', '.join(where)}): {exc}") from None
 
 
 def _merge(dst: dict, src: Mapping, sources: dict, source: str, prefix: str = "") -> None:
+    """Merge `src` into `dst` (later wins), recording each dotted key's source. A key given both as a section (with
+    sub-keys) and as a plain value is an error naming both sources: neither may silently discard the other (`run=5`
+    after `run.steps=7`, or before it). An empty YAML section (`run:` with nothing under it) changes nothing."""
     for k, v in src.items():
         if not isinstance(k, str):
             raise ConfigError(f"config key {k!r} (from {source}) must be a string")
         key = prefix + k
+        old = dst.get(k)
         if isinstance(v, Mapping):
+            if k in dst and old is not None and not isinstance(old, dict):
+                raise _section_and_value(key, value=old, value_source=sources.get(key, source),
+                                         section_source=source)
             node = dst.setdefault(k, {})
             if not isinstance(node, dict):
                 node = dst[k] = {}
             sources.setdefault(key, source)
             _merge(node, v, sources, source, key + ".")
+        elif isinstance(old, dict):
+            if v is None:
+                continue
+            raise _section_and_value(key, value=v, value_source=source, section_source=sources.get(key, source))
         else:
             dst[k] = v
             sources[key] = source
+
+
+def _section_and_value(key: str, *, value: Any, value_source: str, section_source: str) -> ConfigError:
+    where = value_source if value_source == section_source else f"{value_source} and {section_source}"
+    return ConfigError(f"config key '{key}' (from {where}) is given both a value ({value!r}) and sub-keys "
+                       f"({key}.<name>=...); give only its keys, e.g. {key}.<name>=...")
 
 
 def _nest(dotted: str, value: Any) -> dict:
@@ -236,7 +255,14 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                          f"{exc.start} cannot be decoded); save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if data is None:
@@ -307,8 +333,11 @@ def describe(cls: type, prefix: str = "") -> list[str]:
 
 
 def parse_cli(cls: type[T], argv: Sequence[str] | None, prog: str) -> T:
-    """`load_config` for an entry point: `--help` lists every key; errors exit with the message, not a traceback."""
+    """`load_config` for an entry point: `--help` lists every key; a config error prints `prog: error: <message>` on
+    stderr and exits with code 2 (argparse's convention), no traceback."""
     import sys
+
+    from launch.errors import EXIT_USER_ERROR, report
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -318,7 +347,8 @@ def parse_cli(cls: type[T], argv: Sequence[str] | None, prog: str) -> T:
     try:
         return load_config(cls, argv)
     except ConfigError as exc:
-        raise SystemExit(f"{prog}: {exc}") from None
+        report(prog, str(exc))
+        raise SystemExit(EXIT_USER_ERROR) from None
 
 
 __all__ = [

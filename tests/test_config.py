@@ -121,6 +121,34 @@ def test_section_given_a_scalar_is_an_error():
         load_config(Outer, ["inner=3"])
 
 
+@pytest.mark.parametrize("argv", [["inner.steps=7", "inner=5"], ["inner=5", "inner.steps=7"]])
+def test_section_given_a_value_and_keys_is_one_error_in_either_order(argv):
+    """`inner=5` must not silently discard `inner.steps=7` (nor be silently discarded by it)."""
+    with pytest.raises(ConfigError) as err:
+        load_config(Outer, argv)
+    assert "'inner'" in str(err.value) and "sub-keys" in str(err.value) and "command line" in str(err.value)
+
+
+def test_section_value_in_a_file_and_keys_on_the_command_line_name_both(tmp_path):
+    f = write(tmp_path, "scalar.yaml", "inner: 5\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(Outer, [f, "inner.steps=7"])
+    assert f in str(err.value) and "command line" in str(err.value)
+
+
+def test_empty_section_in_a_later_file_keeps_earlier_keys(tmp_path):
+    f = write(tmp_path, "empty_section.yaml", "inner:\n")
+    assert load_config(Outer, ["inner.steps=7", f]).inner.steps == 7
+
+
+def test_non_utf8_yaml_is_a_config_error_naming_file_and_byte(tmp_path):
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as err:
+        load_config(Outer, [str(p)])
+    assert str(p) in str(err.value) and "not UTF-8" in str(err.value) and "0xe9" in str(err.value)
+
+
 def test_post_init_checks_become_config_errors(tmp_path):
     f = write(tmp_path, "neg.yaml", {"inner": {"steps": -1}})
     with pytest.raises(ConfigError) as err:
@@ -170,7 +198,9 @@ def test_describe_lists_every_leaf_key():
 def test_parse_cli_exits_with_message(capsys):
     with pytest.raises(SystemExit) as err:
         parse_cli(Outer, ["inner.nope=1"], prog="prog")
-    assert "prog: unknown config key 'inner.nope'" in str(err.value.code)
+    assert err.value.code == 2
+    out = capsys.readouterr()
+    assert out.err.startswith("prog: error: unknown config key 'inner.nope'") and out.err.count("\n") == 1
     with pytest.raises(SystemExit) as err:
         parse_cli(Outer, ["--help"], prog="prog")
     assert err.value.code == 0
