@@ -8,8 +8,8 @@ stage. `build_accelerator` adds what the launcher cannot know:
   `--multi_gpu` launch on a CPU box is MULTI_CPU, not unsynchronised ranks);
 * DeepSpeed on a CPU box: skip the JIT build of DeepSpeed's shared-memory comm op (~100 s of g++), and check that
   `transformers` is importable (Accelerate's DeepSpeed path imports it);
-* DeepSpeed's micro-batch, accumulation and clipping filled from our config before `prepare` (the WebLoader is not
-  prepared, so DeepSpeed cannot infer the batch size). The optimizer stays a torch AdamW (never a DeepSpeed-config
+* `configure_deepspeed`: DeepSpeed's micro-batch, accumulation and clipping filled from our config before `prepare`
+  (the WebLoader is not prepared, so DeepSpeed cannot infer the batch size). The optimizer stays a torch AdamW (never a DeepSpeed-config
   optimizer, which would JIT-compile a CPU kernel).
 """
 
@@ -46,7 +46,7 @@ def resolve_precision(precision: str) -> str:
 
 
 def deepspeed_cpu_workarounds() -> None:
-    """Make DeepSpeed run on a CPU-only machine (see REFERENCE-STACK.md section 4)."""
+    """Make DeepSpeed run on a CPU-only machine (docs/LAUNCH.md, "DeepSpeed on CPU")."""
     try:
         importlib.import_module("transformers")
     except ImportError:
@@ -59,8 +59,9 @@ def deepspeed_cpu_workarounds() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
-def build_accelerator(run: RunConfig, optim: OptimConfig, micro_batch: int, *, logging_subdir: str = "logs") -> Accelerator:
-    """An `Accelerator` for `run` with `optim.grad_accum_steps` micro-steps per optimizer step."""
+def build_accelerator(run: RunConfig, optim: OptimConfig, *, logging_subdir: str = "logs") -> Accelerator:
+    """An `Accelerator` for `run` with `optim.grad_accum_steps` micro-steps per optimizer step. Under DeepSpeed, call
+    `configure_deepspeed` with the micro-batch before `prepare` (the batch depends on the world size known here)."""
     cuda = torch.cuda.is_available()
     if uses_deepspeed_env() and not cuda:
         deepspeed_cpu_workarounds()
@@ -91,13 +92,14 @@ def build_accelerator(run: RunConfig, optim: OptimConfig, micro_batch: int, *, l
             f"{accelerator.num_processes} processes but no distributed backend: gradients would not be synchronised. "
             "On CPU launch with ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu (see docs/LAUNCH.md)"
         )
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        configure_deepspeed(accelerator, micro_batch, optim)
     return accelerator
 
 
-def configure_deepspeed(accelerator: Accelerator, micro_batch: int, optim: OptimConfig) -> dict:
-    """Fill the DeepSpeed config's batch, accumulation and clipping from our config (before `prepare`)."""
+def configure_deepspeed(accelerator: Accelerator, micro_batch: int, optim: OptimConfig) -> dict | None:
+    """Fill the DeepSpeed config's batch, accumulation and clipping from our config (before `prepare`); a no-op
+    (None) without DeepSpeed."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     if "optimizer" in config or "scheduler" in config:
         raise SystemExit(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 import torch.nn as nn
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "decoder_pos_embed", "dist_token", "reg_token")
@@ -62,4 +63,10 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
     return [groups[k] for k in sorted(groups)]
 
 
-__all__ = ["param_groups", "no_weight_decay", "layer_id", "encoder_depth", "NO_DECAY_NAMES"]
+def build_adamw(groups: list[dict], optim, *, deepspeed: bool) -> torch.optim.AdamW:
+    """torch AdamW over `groups` with `optim`'s betas/eps. Fused (one kernel, CPU and CUDA) unless DeepSpeed runs the
+    step: the fused kernels also skip a non-finite update on the device (`launch/nonfinite.py`)."""
+    return torch.optim.AdamW(groups, lr=0.0, betas=optim.betas, eps=optim.eps, fused=not deepspeed)
+
+
+__all__ = ["param_groups", "build_adamw", "no_weight_decay", "layer_id", "encoder_depth", "NO_DECAY_NAMES"]

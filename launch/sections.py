@@ -1,15 +1,17 @@
-"""Config sections shared by the entry points: how a run runs (`RunConfig`) and how it optimises (`OptimConfig`).
+"""Config sections shared by the entry points: how a run runs (`RunConfig`), how it optimises (`OptimConfig`), and
+the batch arithmetic every entry point shares (`resolve_batch`).
 
-Entry points compose these with their own sections (model, data) in one top-level dataclass; see
-`pretrain/config.py` and `finetune/config.py`.
+Entry points compose these with their own sections (model, data) in one top-level dataclass and give them their
+own defaults with `section(RunConfig, ..., steps=240)`; see `pretrain/config.py` and `finetune/config.py`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
-from launch.config import opt
+from launch.config import ConfigError, opt
 
 
 @dataclass
@@ -22,11 +24,12 @@ class RunConfig:
     save_every: int = opt(100, "save a resumable checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = opt(2, "keep the last K checkpoints")
     resume: bool = opt(True, "resume from the latest checkpoint in output_dir when there is one")
+    overwrite: bool = opt(False, "with resume=false: move the directory's old checkpoints aside and start over")
     trackers: tuple[str, ...] = opt(("tensorboard",), "Accelerate trackers: tensorboard, wandb, or none")
     wandb_project: str = opt("tessera", "W&B project name when trackers include wandb")
-    max_nonfinite: int = opt(10, "stop after this many consecutive non-finite losses (each one skips its step)")
-    compile: bool = opt(False, "torch.compile the model")
-    progress: bool = opt(True, "show a progress bar on the main process")
+    max_nonfinite: int = opt(10, "stop after this many consecutive non-finite losses (each one skips its update)")
+    compile: bool | None = opt(None, "torch.compile each transformer block; None: on with CUDA, off on CPU")
+    progress: bool = opt(True, "show a progress bar on the main process (plain log lines when off)")
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -35,9 +38,18 @@ class RunConfig:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
         if self.save_every < 0 or self.keep_checkpoints < 1:
             raise ValueError("save_every must be >= 0 and keep_checkpoints >= 1")
+        if self.max_nonfinite < 1:
+            raise ValueError(f"max_nonfinite must be >= 1, got {self.max_nonfinite}")
         unknown = set(self.trackers) - {"tensorboard", "wandb", "none"}
         if unknown:
             raise ValueError(f"unknown trackers {sorted(unknown)}; use tensorboard, wandb or none")
+
+
+def _positive_finite(name: str, value: float | None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
 @dataclass
@@ -54,8 +66,14 @@ class OptimConfig:
     layer_decay: float | None = opt(None, "layer-wise lr decay (fine-tuning): block i gets decay**(depth+1-i)")
 
     def __post_init__(self) -> None:
-        if self.blr <= 0 and self.lr is None:
-            raise ValueError("blr must be > 0")
+        _positive_finite("blr", self.blr)
+        _positive_finite("lr", self.lr)
+        _positive_finite("min_lr", self.min_lr, allow_zero=True)
+        _positive_finite("weight_decay", self.weight_decay, allow_zero=True)
+        _positive_finite("eps", self.eps)
+        _positive_finite("clip_grad", self.clip_grad)
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be in [0, 1), got {self.betas}")
         if self.grad_accum_steps < 1:
             raise ValueError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
         if self.warmup_steps < 0:
@@ -66,3 +84,28 @@ class OptimConfig:
     def peak_lr(self, global_batch: int) -> float:
         """The MAE scaling rule: `blr * global_batch / 256`, unless an absolute `lr` is given."""
         return self.lr if self.lr is not None else self.blr * global_batch / 256
+
+
+MICRO_HELP = "images per process per micro-step (global_batch = micro_batch x processes x grad_accum_steps)"
+GLOBAL_HELP = "images per optimizer step over all processes and accumulation micro-steps (the lr scaling batch)"
+
+
+def resolve_batch(micro: int | None, global_: int | None, world: int, accum: int) -> tuple[int, int]:
+    """(micro_batch, global_batch) from whichever of `data.micro_batch` / `data.global_batch` the config gives."""
+    if (micro is None) == (global_ is None):
+        raise ConfigError("give exactly one of data.micro_batch and data.global_batch")
+    if micro is not None:
+        return micro, micro * world * accum
+    if global_ % (world * accum):
+        raise ConfigError(f"data.global_batch={global_} is not divisible by processes ({world}) x "
+                          f"optim.grad_accum_steps ({accum}); set data.micro_batch instead, or change it")
+    return global_ // (world * accum), global_
+
+
+def check_batch_keys(micro: int | None, global_: int | None) -> None:
+    """`__post_init__` check of a data section holding both batch keys."""
+    for name, value in (("micro_batch", micro), ("global_batch", global_)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if micro is None and global_ is None:
+        raise ValueError("give one of micro_batch and global_batch")

@@ -1,9 +1,11 @@
-"""Graceful stop on SIGTERM/SIGUSR1 (SLURM pre-emption, `scancel --signal`): remember the signal, let the loop
-save a checkpoint at the next step boundary and exit with code 0.
+"""Graceful stop on SIGTERM/SIGUSR1 (pre-emption: SLURM's time limit, `scancel`, `timeout`, torchelastic forwarding):
+remember the signal, let the loop save a checkpoint at the next step boundary and exit.
 
-The handler only sets a flag; the training loop asks `should_stop()`. With several processes the flag is combined
-across ranks (any rank signalled -> all stop at the same step) by an all-reduce, which the loop does at log steps
-only to avoid a synchronisation every step.
+The handler only sets a flag. `poll()` is asked at every step boundary; with several processes the ranks must stop at
+the same step (a rank that stops while the others go on hangs them in the next collective), so the flag is combined
+by an all-reduce on a small gloo group of CPU tensors: host-to-host, it never waits for the GPU. Schedulers signal every
+rank of a job, but not at the same instant, hence the agreement at every step (torchelastic kills the ranks about
+30 s after it forwards the signal, so waiting for a log step is too late).
 """
 
 from __future__ import annotations
@@ -12,30 +14,34 @@ import signal
 from types import FrameType
 
 import torch
+import torch.distributed as dist
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopFlag:
-    """Installs handlers for `signals`; `received` holds the first signal's name (or None)."""
+    """Installs handlers for `signals`; `received` holds the first signal's name (or None); `poll()` agrees."""
 
-    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS):
+    def __init__(self, world_size: int = 1, signals: tuple[signal.Signals, ...] = STOP_SIGNALS):
         self.received: str | None = None
-        self._previous = {}
-        for sig in signals:
-            self._previous[sig] = signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
+        self._group = None
+        if world_size > 1 and dist.is_available() and dist.is_initialized():
+            # every rank creates the group, in the same order (a collective call)
+            self._group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is None:
             self.received = signal.Signals(signum).name
 
-    def should_stop(self, accelerator=None) -> bool:
-        """True when this process, or (with an accelerator and several processes) any process, was signalled."""
-        local = self.received is not None
-        if accelerator is None or accelerator.num_processes == 1:
-            return local
-        flag = torch.tensor([1.0 if local else 0.0], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+    def poll(self) -> str | None:
+        """The signal's name when this process or (with several processes) any process was signalled, else None."""
+        if self._group is None:
+            return self.received
+        flag = torch.tensor([0 if self.received is None else 1], dtype=torch.int32)
+        dist.all_reduce(flag, group=self._group)
+        # a CPU tensor: `.numpy()` reads host memory, no device synchronisation involved
+        return (self.received or "a signal on another rank") if int(flag.numpy()[0]) else None
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

@@ -34,7 +34,7 @@ def tiny_args(run_dir, *extra: str, steps: int = 6, batch: int = 8, workers: int
     return [
         *TINY_MODEL,
         f"data.train={SAMPLE}",
-        f"data.batch_size={batch}",
+        f"data.micro_batch={batch}",
         f"data.num_workers={workers}",
         f"run.output_dir={run_dir}",
         f"run.steps={steps}",

@@ -25,7 +25,7 @@ def test_every_config_loads_and_recipes_hold():
         load_config(PretrainConfig, [str(path)])
     for size in ("base", "large", "huge"):
         cfg = load_config(PretrainConfig, [str(ROOT / f"pretrain/configs/in1k_vit_{size}.yaml")])
-        global_batch = cfg.data.batch_size * 8 * cfg.optim.grad_accum_steps  # 8 GPUs, as the comments say
+        global_batch = cfg.data.micro_batch * 8 * cfg.optim.grad_accum_steps  # 8 GPUs, as the comments say
         assert global_batch == 4096
         assert cfg.optim.peak_lr(global_batch) == pytest.approx(2.4e-3)
         assert cfg.optim.betas == (0.9, 0.95) and cfg.optim.weight_decay == 0.05
@@ -36,7 +36,7 @@ def test_every_config_loads_and_recipes_hold():
 
 def test_default_model_loss_falls_and_outputs_load(tmp_path):
     # the default model and data, shortened: 16 steps of 16 images
-    args = [f"run.output_dir={tmp_path}", "run.steps=16", "data.batch_size=16", "data.num_workers=0",
+    args = [f"run.output_dir={tmp_path}", "run.steps=16", "data.micro_batch=16", "data.num_workers=0",
             "run.log_every=4", "run.save_every=0", "run.progress=false", "run.trackers=none", "optim.warmup_steps=4",
             "vis.every=8", "vis.num_images=4"]
     pretrain_mae.main(args)
@@ -81,7 +81,7 @@ def test_nonfinite_loss_skips_update_then_stops(tmp_path, monkeypatch):
     saved = load_file(run_dir / "mae.safetensors")
     assert all(torch.equal(saved[k], v) for k, v in initial.items())
     assert read_metrics(run_dir)[-1]["n_nonfinite"] == 1
-    assert math.isnan(read_metrics(run_dir)[-1]["loss"])
+    assert read_metrics(run_dir)[-1]["loss"] is None  # strict JSON: null, not NaN
 
 
 def test_resume_with_changed_model_is_refused(tmp_path):

@@ -15,7 +15,7 @@ from helpers_launch import (ACCELERATE, ENTRY, PYTHON, ROOT, ddp_cmd, deepspeed_
                             tiny_args, wait_for_step)
 
 STEPS = 6
-ACCUM = ["optim.grad_accum_steps=2", "data.batch_size=4"]  # 2 micro-steps of 4 images per rank and step
+ACCUM = ["optim.grad_accum_steps=2", "data.micro_batch=4"]  # 2 micro-steps of 4 images per rank and step
 # DDP and ZeRO-2 run the same fp32 math with the same data and masks; they differ only in how gradients are reduced
 # (DDP all-reduce buckets vs ZeRO reduce-scatter into partitions), i.e. in float rounding.
 LOSS_RTOL = 1e-4
@@ -51,7 +51,7 @@ def test_ddp_two_processes(ddp_run):
 def test_zero2_matches_ddp(ddp_run, tmp_path):
     proc = run(deepspeed_cmd(tiny_args(tmp_path, *ACCUM, steps=STEPS), free_port(), stage=2))
     assert "DEEPSPEED, world size 2" in proc.stdout and "ZeRO stage 2" in proc.stdout
-    assert "4/process x 2 processes x 2 accumulation = 16 global" in proc.stdout
+    assert "micro 4/process x 2 processes x 2 accumulation = global 16" in proc.stdout
     enc = assert_finished(tmp_path)
     ref = losses(ddp_run)
     got = losses(tmp_path)

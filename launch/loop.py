@@ -1,0 +1,171 @@
+"""The one training loop that pretraining, fine-tuning and probing all run.
+
+An entry point builds the pieces (prepared model and optimizer, an iterator of device batches, a `step_fn(batch) ->
+loss`, a `save(step, loop_state)` callback) and calls `TrainLoop(...).fit(start_step, state)`. The loop owns what every
+run shares: the lr from the step, gradient accumulation without gradient sync on the inner micro-steps, one autocast
+policy (Accelerate's, around the whole step function), clipping, the non-finite policy, log / stop / save cadence, the
+progress bar and periodic hooks (evaluation, pictures).
+
+Host syncs: none outside log and save steps. The loss window, the non-finite counters and the skip decision stay on
+the device (`launch/nonfinite.py`); the stop flag is agreed over a CPU gloo group (`launch/signals.py`). DeepSpeed is
+the exception: its engine steps inside `backward`, so the skip must be decided on the host before the last backward.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from tqdm import tqdm
+
+from launch.metrics import MetricsLogger
+from launch.nonfinite import NonFiniteGuard, nonfinite
+from launch.schedule import apply_lr, lr_at
+from launch.sections import OptimConfig, RunConfig
+from launch.signals import StopFlag
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite losses."""
+
+
+@dataclass
+class Hook:
+    """`fn(step) -> metrics or None`, called every `every` steps (0: never) and, with `at_end`, after the last step."""
+
+    every: int
+    fn: Callable[[int], dict | None]
+    at_end: bool = False
+
+    def due(self, step: int, last: bool) -> bool:
+        return bool(self.every and step % self.every == 0) or (self.at_end and last)
+
+
+@dataclass
+class LoopResult:
+    step: int
+    loss: float | None  # the last logged window-mean loss
+    stopped_by: str | None  # the stop signal's name, or None when the run finished
+    checkpoint: object | None  # what the last `save` returned (its path)
+
+
+@dataclass
+class TrainLoop:
+    accelerator: Accelerator
+    model: torch.nn.Module  # prepared; its parameters that require grad are the ones clipped
+    optimizer: torch.optim.Optimizer  # prepared
+    step_fn: Callable[[dict], torch.Tensor]  # one micro-batch -> scalar loss (called under autocast)
+    batches: Iterator[dict]  # micro-batches already on the device
+    run: RunConfig
+    optim: OptimConfig
+    peak_lr: float
+    global_batch: int  # images per optimizer step, all ranks
+    metrics: MetricsLogger
+    save: Callable[[int, dict], object]  # (step, loop state) -> checkpoint path; called on every rank
+    hooks: Sequence[Hook] = ()
+    log_extra: Callable[[int], dict] | None = None  # step -> more metrics (may sync: runs at log steps only)
+    after_update: Callable[[int], None] | None = None  # e.g. an EMA update, after every optimizer step
+    desc: str = "train"
+
+    def fit(self, start_step: int = 0, state: dict | None = None) -> LoopResult:
+        acc, run, optim, state = self.accelerator, self.run, self.optim, state or {}
+        device, accum = acc.device, optim.grad_accum_steps
+        deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        guard = None if deepspeed else NonFiniteGuard(self.optimizer, acc.scaler)
+        stop = StopFlag(acc.num_processes)
+        # counters live on the device and are read at log and save steps only
+        nf_total = torch.tensor(float(state.get("nonfinite_total", 0)), device=device)
+        nf_run = torch.tensor(float(state.get("nonfinite_consecutive", 0)), device=device)
+        nf_worst = nf_run.clone()  # the longest streak since the last log step
+        window = torch.zeros(2, device=device)  # [sum of the kept steps' losses, number of kept steps]
+        step, stopped_by, loss, ckpt = start_step, None, None, None
+        clock = (time.perf_counter(), step)
+        bar = tqdm(total=run.steps, initial=step, desc=self.desc, dynamic_ncols=True,
+                   disable=not (run.progress and acc.is_main_process))
+        self.model.train()
+        while step < run.steps and stopped_by is None:
+            lr = lr_at(step, peak_lr=self.peak_lr, warmup_steps=optim.warmup_steps, total_steps=run.steps,
+                       min_lr=optim.min_lr)
+            apply_lr(self.optimizer, lr)
+            loss_sum, skip_ds = torch.zeros((), device=device), False
+            for micro in range(accum):
+                batch = next(self.batches)
+                with acc.accumulate(self.model):  # no gradient all-reduce until the last micro-step
+                    with acc.autocast():
+                        micro_loss = self.step_fn(batch)
+                    loss_sum += micro_loss.detach().float()
+                    if deepspeed and micro == accum - 1:  # the engine steps inside this backward: decide now
+                        skip_ds = bool(acc.reduce(nonfinite(loss_sum).float(), reduction="sum").item() > 0)
+                    if not skip_ds:
+                        acc.backward(micro_loss)  # Accelerate divides by the accumulation steps
+            step_loss = loss_sum / accum
+            if deepspeed:  # clipping is DeepSpeed's (`gradient_clipping` in its config)
+                bad = torch.tensor(skip_ds, device=device)
+            else:
+                if optim.clip_grad:
+                    gnorm = acc.clip_grad_norm_(params, optim.clip_grad)
+                else:  # the norm alone, to catch non-finite gradients behind a finite loss
+                    gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                bad = nonfinite(step_loss, gnorm)
+                if acc.num_processes > 1:  # one decision for all ranks (gradients agree, losses may not)
+                    bad = acc.reduce(bad.float(), reduction="sum") > 0
+                guard.step(bad)
+            self.optimizer.zero_grad(set_to_none=True)
+            nf_total += bad
+            nf_run = (nf_run + 1) * bad
+            nf_worst = torch.maximum(nf_worst, nf_run)
+            window += torch.stack([torch.where(bad, 0.0, step_loss), (~bad).float()])
+            step += 1
+            bar.update(1)
+            if self.after_update is not None:
+                self.after_update(step)
+
+            last = step == run.steps
+            if step % run.log_every == 0 or last:  # the host reads the device counters here, and only here
+                loss, worst = self._log(step, lr, window, nf_total, nf_worst, clock, bar)
+                if worst >= run.max_nonfinite:
+                    raise NonFiniteLossError(
+                        f"{worst:.0f} consecutive non-finite losses (by step {step}); their updates were skipped. "
+                        f"Try a lower learning rate (optim.blr or optim.lr), run.precision=bf16 instead of fp16, or "
+                        f"gradient clipping (optim.clip_grad=1.0), then resume from "
+                        f"{ckpt or 'the last checkpoint in ' + str(self.run.output_dir) + '/checkpoints'}")
+                window.zero_()
+                nf_worst = nf_run.clone()
+                clock = (time.perf_counter(), step)
+            for hook in self.hooks:
+                if hook.due(step, last) and (values := hook.fn(step)):
+                    self.metrics.log(step, values)
+            stopped_by = stop.poll()
+            if stopped_by or last or (run.save_every and step % run.save_every == 0):
+                counts = torch.stack([nf_total, nf_run]).tolist()
+                ckpt = self.save(step, {"nonfinite_total": int(counts[0]), "nonfinite_consecutive": int(counts[1])})
+        bar.close()
+        stop.restore()
+        return LoopResult(step=step, loss=loss, stopped_by=stopped_by, checkpoint=ckpt)
+
+    def _log(self, step, lr, window, nf_total, nf_worst, clock, bar) -> tuple[float | None, float]:
+        acc = self.accelerator
+        if acc.num_processes > 1:
+            window = acc.reduce(window, reduction="sum")
+        loss_sum, kept, n_bad, worst = torch.cat([window, nf_total[None], nf_worst[None]]).tolist()
+        elapsed = max(time.perf_counter() - clock[0], 1e-9)
+        loss = loss_sum / kept if kept else None  # None (JSON null) when every step of the window was skipped
+        values = {"loss": loss, "lr": lr, "images_per_sec": (step - clock[1]) * self.global_batch / elapsed,
+                  "n_nonfinite": int(n_bad)}
+        if self.log_extra is not None:
+            values.update(self.log_extra(step))
+        self.metrics.log(step, values)
+        shown = "nan" if loss is None else f"{loss:.4f}"
+        bar.set_postfix(loss=shown, lr=f"{lr:.2e}", img_s=f"{values['images_per_sec']:.0f}")
+        if acc.is_main_process and not self.run.progress:  # plain lines for log files and pipes
+            print(f"step {step}/{self.run.steps} loss {shown} lr {lr:.3e} images/s {values['images_per_sec']:.1f}",
+                  flush=True)
+        return loss, worst
+
+
+__all__ = ["TrainLoop", "Hook", "LoopResult", "NonFiniteLossError"]
