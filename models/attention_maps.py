@@ -36,7 +36,8 @@ def attention_modules(vit: nn.Module) -> list[Attention]:
         if not isinstance(attn, Attention):
             raise TypeError(
                 f"block {i} has attention {type(attn).__name__}, not timm.layers.Attention; "
-                "attention capture only knows timm's standard Attention (its non-fused path feeds attn_drop the softmax)"
+                "attention capture only knows timm's standard Attention "
+                "(its non-fused path feeds attn_drop the softmax)"
             )
         modules.append(attn)
     return modules
@@ -107,7 +108,8 @@ def patch_grid(vit: nn.Module, images: torch.Tensor | None = None) -> tuple[int,
     return int(gh), int(gw)
 
 
-def cls_attention_maps(attn: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int = 1, has_cls: bool = True) -> torch.Tensor:
+def cls_attention_maps(attn: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int = 1,
+                       has_cls: bool = True) -> torch.Tensor:
     """CLS-to-patch attention of one block on the patch grid: [N, heads, T, T] -> [N, heads, rows, cols].
 
     Token 0 is the CLS token when `has_cls`; the patches are the last rows*cols tokens after `num_prefix_tokens`
@@ -117,7 +119,8 @@ def cls_attention_maps(attn: torch.Tensor, grid: tuple[int, int], num_prefix_tok
     n, heads, t, _ = attn.shape
     rows, cols = grid
     if t != num_prefix_tokens + rows * cols:
-        raise ValueError(f"attention over {t} tokens does not fit {num_prefix_tokens} prefix tokens + a {rows}x{cols} grid")
+        raise ValueError(f"attention over {t} tokens does not fit {num_prefix_tokens} prefix tokens + a "
+                         f"{rows}x{cols} grid")
     query = attn[:, :, 0] if has_cls else attn.mean(dim=2)  # [N, heads, T]
     return query[:, :, num_prefix_tokens:].reshape(n, heads, rows, cols)  # [N, heads, rows, cols]
 
@@ -142,7 +145,8 @@ def attention_rollout(attns: Sequence[torch.Tensor], head_fusion: str = "mean") 
     return result.float()
 
 
-def rollout_cls_map(rollout: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int = 1, has_cls: bool = True) -> torch.Tensor:
+def rollout_cls_map(rollout: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int = 1,
+                    has_cls: bool = True) -> torch.Tensor:
     """The CLS row of a rollout [N, T, T] on the patch grid: [N, rows, cols]."""
     return cls_attention_maps(rollout[:, None], grid, num_prefix_tokens, has_cls)[:, 0]
 

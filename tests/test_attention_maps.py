@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers_attention import force_cls_onto
 
 from models.attention_maps import (
     AttentionRecorder,
@@ -16,7 +17,6 @@ from models.attention_maps import (
     rollout_cls_map,
 )
 from models.vit import create_encoder
-from helpers_attention import force_cls_onto
 
 CFG = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
 

@@ -1,80 +1,62 @@
-"""Tests of launch/cifar10_chain.py and the modules it uses (chain_stages, chain_data, results_doc, loss_plot) without
-training: stage running and reuse, data helpers, the stage wiring (with the entry points replaced by a stub), the
-results table and the hand-drawn loss-curve PNG."""
+"""Tests of recipes/cifar10/chain.py and its modules (stages, shards, record, results_doc, loss_plot): stage running
+and reuse, data helpers, the stage wiring (with the entry points replaced by a stub), the results document rendered
+from its template, the loss-curve chart, and the micro budget run end to end as a user runs it."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from launch import cifar10_chain as chain_mod
-from launch.chain_data import class_subset, ensure_cifar
-from launch.chain_stages import ChainError, run_stage, shell_join
-from launch.loss_plot import draw_loss_curve, moving_average, nice_step, nice_ticks, tick_label
-from launch.results_doc import write_results_md
+from recipes.cifar10 import chain as chain_mod
+from recipes.cifar10.loss_plot import draw_loss_curve, loss_figure, moving_average
+from recipes.cifar10.results_doc import write_results_md
+from recipes.cifar10.shards import TARBALL_ENV, class_subset, default_tarball, ensure_cifar
+from recipes.cifar10.stages import REPO, ChainError, ChainInputError, run_stage, shell_join
 
-
-# ------------------------------------------------------------------------------------------------- ticks, averages
-
-
-def test_nice_ticks_hand_worked():
-    assert nice_ticks(0, 1, 5) == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    # span 2.24 / 6 = 0.373 -> step 0.5; floor(0.53/0.5)=1, ceil(2.77/0.5)=6
-    assert nice_ticks(0.53, 2.77, 6) == pytest.approx([0.5, 1.0, 1.5, 2.0, 2.5, 3.0])
-    # 1000 / 8 = 125 -> 200
-    assert nice_step(1000, 8) == 200
-    assert nice_ticks(0, 1000, 8) == [0, 200, 400, 600, 800, 1000]
-    # a flat series still gets a range around its value
-    flat = nice_ticks(2.0, 2.0)
-    assert flat[0] < 2.0 < flat[-1]
-
-
-def test_tick_labels():
-    assert tick_label(1200.0, 200.0) == "1,200"
-    assert tick_label(0.5, 0.1) == "0.5"
-    assert tick_label(0.05, 0.05) == "0.05"
+# ------------------------------------------------------------------------------------------------- loss curve
 
 
 def test_moving_average_hand_worked():
     # half-width 1: (1+2)/2, (1+2+3)/3, (2+3+4)/3, (3+4)/2
     assert moving_average([1.0, 2.0, 3.0, 4.0], 1) == pytest.approx([1.5, 2.0, 3.0, 3.5])
-    assert moving_average([3.0, 1.0], 0) == [3.0, 1.0]
+    assert moving_average([3.0, 1.0], 0).tolist() == [3.0, 1.0]
+    # a window wider than the series is cut to it: the plain mean in the middle
+    assert moving_average([1.0, 2.0, 6.0], 5)[1] == pytest.approx(3.0)
 
 
-# ------------------------------------------------------------------------------------------------- loss curve PNG
+def test_loss_figure_plots_the_logged_values_and_their_centred_mean():
+    steps = np.arange(1, 161)
+    losses = 1.0 / steps
+    points = [[int(s), float(v)] for s, v in zip(steps, losses)]
+    points.insert(5, [5, float("nan")])  # a non-finite value is left out
+    ax = loss_figure(points, title="t", ylabel="y").axes[0]
+    raw, smooth = ax.get_lines()
+    np.testing.assert_array_equal(raw.get_xdata(), steps)
+    np.testing.assert_allclose(raw.get_ydata(), losses)
+    # 160 points -> half-width 2: the centred mean of 5 values, by hand at step 10 (index 9)
+    np.testing.assert_array_equal(smooth.get_xdata(), steps)
+    assert smooth.get_ydata()[9] == pytest.approx(np.mean(losses[7:12]))
+    assert ax.get_title() == "t" and ax.get_ylabel() == "y" and ax.get_xlabel() == "optimizer step"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["per logged step", "centred mean of 5"]
 
 
-def test_loss_curve_line_lands_where_the_axes_say(tmp_path):
-    # x ticks 0..100 (step 20), y ticks 0..1 (step 0.2); plot area x 92..876, y 46..470 for a 900x540 image
-    path = draw_loss_curve([[0, 0.0], [100, 1.0]], tmp_path / "c.png", title="t")
-    img = Image.open(path).convert("RGB")
-    assert img.size == (900, 540)
-    # the point (25, 0.25) of the line: x 92 + 0.25 * 784 = 288, y 470 - 0.25 * 424 = 364 (y grows downwards)
-    x_q, y_q = 288, 364
-
-    def blue(px):
-        r, g, b = px
-        return b > 150 and r < 120
-
-    def near(x, y):
-        return [img.getpixel((x + dx, y + dy)) for dx in range(-2, 3) for dy in range(-3, 4)]
-
-    assert any(blue(p) for p in near(x_q, y_q))
-    assert not any(blue(p) for p in near(x_q, 46 + 470 - y_q))  # where a flipped y axis would put it
-    # nothing blue far away from the line (e.g. the lower right of the plot area)
-    assert not any(blue(img.getpixel((800 + dx, 420 + dy))) for dx in range(5) for dy in range(5))
-
-
-def test_loss_curve_skips_nan_and_handles_empty(tmp_path):
-    p = draw_loss_curve([[1, float("nan")], [2, 0.5], [3, 0.4]], tmp_path / "a.png")
-    assert Image.open(p).size == (900, 540)
-    p = draw_loss_curve([], tmp_path / "b.png")
-    assert p.is_file()
+def test_loss_curve_png_and_degenerate_inputs(tmp_path):
+    path = draw_loss_curve([[1, 0.5], [2, 0.4]], tmp_path / "sub" / "c.png", title="t")
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.size == (900, 540)
+    ax = loss_figure([[7, 0.3]]).axes[0]  # one point: a marker
+    assert [(line.get_xdata().tolist(), line.get_marker()) for line in ax.get_lines()] == [([7.0], "o")]
+    ax = loss_figure([[1, float("nan")]]).axes[0]  # nothing finite: no line, a note instead
+    assert ax.get_lines() == [] and [t.get_text() for t in ax.texts] == ["no loss values logged"]
 
 
 # ------------------------------------------------------------------------------------------------- stages
@@ -108,6 +90,9 @@ def test_run_stage_records_reuses_and_fails(tmp_path):
         run_stage("lazy", [sys.executable, "-c", "pass"], tmp_path / "lazy", {}, tmp_path / "never.txt")
 
 
+# ------------------------------------------------------------------------------------------------- data
+
+
 def _tiny_tree(root: Path, classes=("a", "b"), n=3):
     for c in classes:
         (root / c).mkdir(parents=True)
@@ -136,16 +121,33 @@ def test_ensure_cifar_unpacks_once(tmp_path):
     dest = ensure_cifar(tarball, tmp_path / "cifar")
     assert (dest / "train" / "a" / "0000.jpg").is_file()
     assert ensure_cifar(tmp_path / "missing.tar.gz", dest) == dest  # already there: the tarball is not needed
-    with pytest.raises(ChainError, match="tarball not found"):
+    with pytest.raises(ChainInputError, match=rf"tarball not found.*--tarball PATH or set {TARBALL_ENV}"):
         ensure_cifar(tmp_path / "missing.tar.gz", tmp_path / "elsewhere")
     bad = tmp_path / "bad.tar.gz"
     with tarfile.open(bad, "w:gz") as tar:
         tar.add(src / "train", arcname="train")
-    with pytest.raises(ChainError, match="does not hold train/ and test/"):
+    with pytest.raises(ChainInputError, match="does not hold train/ and test/"):
         ensure_cifar(bad, tmp_path / "cifar_bad")
 
 
-# ------------------------------------------------------------------------------------------------- wiring + table
+def test_tarball_comes_from_the_environment_else_beside_the_checkout(monkeypatch):
+    monkeypatch.setenv(TARBALL_ENV, "/data/c10.tar.gz")
+    assert default_tarball() == Path("/data/c10.tar.gz")
+    monkeypatch.delenv(TARBALL_ENV)
+    assert default_tarball() == REPO.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
+
+
+def test_missing_tarball_is_one_line_naming_what_to_pass(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        chain_mod.main(["--budget", "cpu", "--work", str(tmp_path / "work"), "--docs", str(tmp_path / "docs"),
+                        "--tarball", str(tmp_path / "nope.tar.gz"), "--cifar-dir", str(tmp_path / "cifar")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("recipes/cifar10/chain.py: error: CIFAR-10 tarball not found") and err.count("\n") == 1
+    assert "--tarball" in err and TARBALL_ENV in err
+
+
+# ------------------------------------------------------------------------------------------------- wiring + document
 
 
 def _fake_run_stage(calls):
@@ -165,7 +167,7 @@ def _fake_run_stage(calls):
             (stage_dir / "eval.json").write_text(json.dumps(
                 {"top1": acc[name], "top5": 90.0, "n_images": 1000, "steps": 10, "global_batch": 32}))
         return {"stage": name, "command": shell_join(cmd), "seconds": 1.5, "returncode": 0,
-                "reused": False}
+                "reused": name == "probe_random"}
 
     return fake
 
@@ -184,11 +186,13 @@ def test_chain_wiring_and_results(tmp_path, monkeypatch):
     assert f"encoder={encoder}" in cmds["probe_mae"] and f"encoder={encoder}" in cmds["finetune_mae"]
     for key in ("probe_random", "finetune_scratch"):
         assert "encoder=random" in cmds[key] and f"arch={variant}" in cmds[key]
+    assert cmds["finetune_mae"][1] == "finetune/classify.py" and cmds["probe_mae"][1] == "finetune/linprobe.py"
     assert "run.steps=3" in cmds["finetune_mae"] and "run.steps=3" in cmds["finetune_scratch"]
     assert "run.steps=3" not in cmds["probe_mae"]
     # both sides of each comparison get the same config file
     assert cmds["finetune_mae"][2] == cmds["finetune_scratch"][2] == "finetune/configs/cifar10_finetune_micro.yaml"
 
+    assert result["command"].startswith("python recipes/cifar10/chain.py --budget micro")
     assert result["gaps"]["probe_top1_mae_minus_random"] == pytest.approx(5.25)
     assert result["gaps"]["finetune_top1_mae_minus_scratch"] == pytest.approx(9.0)
     assert result["pretrain"]["loss_curve"] == [[1, 1.0], [2, 0.5], [3, pytest.approx(1 / 3, abs=1e-5)]]
@@ -197,12 +201,15 @@ def test_chain_wiring_and_results(tmp_path, monkeypatch):
     saved = json.loads((docs / "results" / "cifar10_micro.json").read_text())
     assert saved["pretrain"]["loss_curve"] == result["pretrain"]["loss_curve"]  # the compact curve reads back
     assert saved["runs"]["probe_mae"]["top1"] == 45.5
-    assert (docs / "results" / "cifar10_micro_pretrain_loss.png").is_file()
+    with Image.open(docs / "results" / "cifar10_micro_pretrain_loss.png") as img:
+        assert img.size == (900, 540)
     md = (docs / "RESULTS.md").read_text()
-    assert "| linear probe, MAE encoder | 45.50 |" in md
+    assert "| linear probe, MAE encoder | 45.50 | 90.00 | 1,000 | 10 x 32 | 2 s |" in md
     assert "| fine-tune from scratch (random init) | 41.00 |" in md
     assert "**5.25 points**" in md and "**9.00 points**" in md
-    assert "UNMEASURED" in md  # no gpu result yet
+    assert "| probe_random | 2 s (reused) |" in md and "**Stages probe_random were reused" in md
+    assert "![pretraining loss](results/cifar10_micro_pretrain_loss.png)" in md
+    assert "UNMEASURED" in md and "$" not in md  # no gpu result yet; every placeholder filled
 
     # a gpu result replaces the 'unmeasured' section and is listed first
     gpu = dict(saved, budget="gpu", summary="gpu run")
@@ -212,10 +219,47 @@ def test_chain_wiring_and_results(tmp_path, monkeypatch):
     assert md.index("## Budget `gpu`") < md.index("## Budget `micro`")
 
 
-def test_fresh_refuses_foreign_folder(tmp_path):
+def test_results_md_is_the_template_rendering_of_the_stored_results(tmp_path):
+    """docs/RESULTS.md is exactly what the template makes of docs/results/*.json (the chain writes both)."""
+    (tmp_path / "results").mkdir()
+    for f in (REPO / "docs" / "results").glob("cifar10_*.json"):
+        shutil.copy(f, tmp_path / "results" / f.name)
+    assert write_results_md(tmp_path).read_text() == (REPO / "docs" / "RESULTS.md").read_text()
+
+
+def test_fresh_refuses_foreign_folder(tmp_path, capsys):
     foreign = tmp_path / "precious"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("x")
-    with pytest.raises(SystemExit, match="did not create"):
+    with pytest.raises(SystemExit) as exit_info:
         chain_mod.main(["--budget", "micro", "--work", str(foreign), "--docs", str(tmp_path / "docs"), "--fresh"])
+    assert exit_info.value.code == 2 and "did not create" in capsys.readouterr().err
     assert (foreign / "keep.txt").is_file()
+
+
+# ------------------------------------------------------------------------------------------------- the real chain
+
+
+def test_micro_budget_end_to_end(tmp_path):
+    """The documented command with size overrides only: every entry point really runs (2 steps each)."""
+    cmd = [sys.executable, "recipes/cifar10/chain.py", "--budget", "micro", "--work", str(tmp_path / "work"),
+           "--docs", str(tmp_path / "docs"), "--threads", "1", "--pretrain-arg", "run.steps=2",
+           "--probe-arg", "run.steps=2", "--finetune-arg", "run.steps=2"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))  # the checkout importable, as for the other subprocess tests
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "docs" / "results" / "cifar10_micro.json").read_text())
+    assert [s["stage"] for s in result["stages"]] == ["pretrain", "probe_mae", "probe_random", "finetune_mae",
+                                                      "finetune_scratch"]
+    assert result["pretrain"]["steps"] == 2 and len(result["pretrain"]["loss_curve"]) == 2
+    for run in result["runs"].values():
+        assert 0.0 <= run["top1"] <= 100.0 and run["n_images"] == 1000  # the whole sample test split, once
+    md = (tmp_path / "docs" / "RESULTS.md").read_text()
+    assert "## Budget `micro`" in md
+    assert f"| linear probe, MAE encoder | {result['runs']['probe_mae']['top1']:.2f} |" in md
+    assert (tmp_path / "docs" / "results" / "cifar10_micro_pretrain_loss.png").is_file()
+    # the same command again reuses every stage
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    result = json.loads((tmp_path / "docs" / "results" / "cifar10_micro.json").read_text())
+    assert all(s["reused"] for s in result["stages"])

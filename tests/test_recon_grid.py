@@ -1,15 +1,16 @@
-"""The reconstruction grid (launch/recon_grid.py) on the real tiny MAE: visible patches pasted back equal the original,
-the reconstruction is the model's prediction (un-normalised with the true patch statistics under norm_pix_loss),
-the masking is fixed by the seed, the PNG has the expected layout and pixels, the model's mode is restored."""
+"""The reconstruction grid (pictures/recon_grid.py) on the real tiny MAE: visible patches pasted back equal the
+original, the reconstruction is the model's prediction (un-normalised with the true patch statistics under
+norm_pix_loss), the masking is fixed by the seed, the PNG has the expected layout and pixels, the model's mode is
+restored."""
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from launch.pictures import cell_box
-from launch.recon_grid import MASK_GREY, reconstruct, save_reconstruction_grid
 from models.mae import MaskedAutoencoder
+from pictures.image_grid import cell_box
+from pictures.recon_grid import MASK_GREY, reconstruct, save_reconstruction_grid
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 

@@ -1,22 +1,33 @@
-"""The visualisation CLI (finetune/visualize.py) on tiny real models: PNG sizes, attention that lands where a
+"""The visualisation CLI (pictures/visualize.py) on tiny real models: PNG sizes, attention that lands where a
 constructed model puts it (in the maps and in the picture), MAE checkpoints in our and the official layout,
-pictures from the colormap helpers, and clear errors for checkpoints of the wrong kind."""
+heat-map colours from matplotlib's colormaps, clear errors for checkpoints of the wrong kind, and the documented
+command run as a user runs it."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from helpers_attention import force_cls_onto
 from PIL import Image
 from safetensors.torch import save_file
 
-from data.transforms import eval_transform
-from finetune.visualize import main
-from launch.pictures import IMAGENET_MEAN, IMAGENET_STD, colormap, overlay
-from launch.recon_grid import reconstruct
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from models.convert import save_encoder, to_official
 from models.mae import MaskedAutoencoder
 from models.vit import create_encoder
-from helpers_attention import force_cls_onto
+from pictures.heatmap import colormap, overlay
+from pictures.image_input import load_images
+from pictures.recon_grid import reconstruct, save_reconstruction_grid
+from pictures.visualize import main
+
+REPO = Path(__file__).resolve().parents[1]
 
 MAE_ARGS = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
                 decoder_num_heads=2)
@@ -111,39 +122,43 @@ def test_official_layout_mae_reconstructs_like_the_model_it_came_from(tmp_path):
     out2 = tmp_path / "vis2"
     main([f"checkpoint={path}", "images=data/sample:test", "num_images=2", f"output_dir={out2}", "attention=false",
           "num_heads=2", "decoder_num_heads=2", "norm_pix_loss=true", "mean=0.5,0.5,0.5", "std=0.25,0.25,0.25"])
-    from launch.recon_grid import save_reconstruction_grid
-    from finetune.visualize import load_images
-
     images, _ = load_images("data/sample:test", 2, eval_transform(32, (0.5,) * 3, (0.25,) * 3))
     ref = save_reconstruction_grid(mae, images, tmp_path / "ref.png", (0.5,) * 3, (0.25,) * 3)
     assert np.array_equal(_png(out2 / "reconstruction.png"), _png(ref))
     assert reconstruct(mae, images)["mask"].sum() > 0
 
 
-def test_wrong_kind_of_checkpoint_is_a_clear_error(tmp_path):
+def _user_error(argv, capsys) -> str:
+    """main(argv) must stop with exit code 2 and one `pictures/visualize.py: error: ...` line; returns the line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("pictures/visualize.py: error: ") and err.count("\n") == 1
+    return err
+
+
+def test_wrong_kind_of_checkpoint_is_a_clear_error(tmp_path, capsys):
     torch.manual_seed(0)
     vit = create_encoder(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
     enc = save_encoder(vit.state_dict(), tmp_path / "encoder.safetensors")
-    with pytest.raises(SystemExit, match=r"encoder-only weights.*without the MAE decoder.*mae\.safetensors"):
-        main([f"checkpoint={enc}", "reconstruction=yes", f"output_dir={tmp_path / 'o'}"])
+    err = _user_error([f"checkpoint={enc}", "reconstruction=yes", f"output_dir={tmp_path / 'o'}"], capsys)
+    assert re.search(r"encoder-only weights.*without the MAE decoder.*mae\.safetensors", err)
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"this is not a checkpoint" * 10)
-    with pytest.raises(SystemExit, match=r"cannot read .*junk\.pth as a checkpoint: expected"):
-        main([f"checkpoint={junk}", f"output_dir={tmp_path / 'o'}"])
+    err = _user_error([f"checkpoint={junk}", f"output_dir={tmp_path / 'o'}"], capsys)
+    assert re.search(r"cannot read .*junk\.pth as a checkpoint: expected", err)
     resnet = tmp_path / "resnet.pth"
     torch.save({"conv1.weight": torch.zeros(4, 3, 3, 3), "fc.weight": torch.zeros(2, 4)}, resnet)
-    with pytest.raises(SystemExit, match="not a ViT encoder, MAE or classifier"):
-        main([f"checkpoint={resnet}", f"output_dir={tmp_path / 'o'}"])
+    assert "not a ViT encoder, MAE or classifier" in _user_error([f"checkpoint={resnet}"], capsys)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(SystemExit, match="folder without weights"):
-        main([f"checkpoint={empty}", f"output_dir={tmp_path / 'o'}"])
-    with pytest.raises(SystemExit, match="layer 5 does not exist"):
-        main([f"checkpoint={enc}", "images=data/sample:test", "num_images=1", "layers=5",
-              f"output_dir={tmp_path / 'o3'}"])
+    assert "folder without weights" in _user_error([f"checkpoint={empty}"], capsys)
+    err = _user_error([f"checkpoint={enc}", "images=data/sample:test", "num_images=1", "layers=5",
+                       f"output_dir={tmp_path / 'o3'}"], capsys)
+    assert "layer 5 does not exist" in err
 
 
-def test_classifier_weights_draw_attention_but_refuse_reconstruction(tmp_path):
+def test_classifier_weights_draw_attention_but_refuse_reconstruction(tmp_path, capsys):
     torch.manual_seed(0)
     clf = create_encoder(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=3,
                          global_pool="avg")  # the MAE fine-tuning layout: fc_norm + head, no final norm
@@ -153,14 +168,16 @@ def test_classifier_weights_draw_attention_but_refuse_reconstruction(tmp_path):
     res = main([f"checkpoint={path}", "images=data/sample:test", "num_images=1", f"output_dir={out}", "num_heads=2"])
     assert res["read_as"] == "classifier"
     assert (out / "attention_layers.png").is_file() and not (out / "reconstruction.png").exists()
-    with pytest.raises(SystemExit, match="a classifier"):
-        main([f"checkpoint={path}", "reconstruction=yes", f"output_dir={out}"])
+    assert "a classifier" in _user_error([f"checkpoint={path}", "reconstruction=yes", f"output_dir={out}"], capsys)
 
 
 def test_colormap_and_overlay():
-    # viridis ends and jet's analytic corners
+    # viridis ends are its published colours; jet runs from dark blue through green to dark red
     assert colormap(np.array([0.0, 1.0]), "viridis").tolist() == [[68, 1, 84], [253, 231, 37]]
-    assert colormap(np.array([0.0, 0.5, 1.0]), "jet").tolist() == [[0, 0, 128], [128, 255, 128], [128, 0, 0]]
+    jet = colormap(np.array([0.0, 0.5, 1.0]), "jet").astype(int)
+    assert jet[0].tolist() == [0, 0, 128] and jet[2].tolist() == [128, 0, 0]
+    assert jet[1, 1] == 255 and 100 < jet[1, 0] < 150 and 100 < jet[1, 2] < 150  # the middle: full green
+    assert colormap(torch.tensor([[-1.0, 2.0]]), "viridis").tolist() == [[[68, 1, 84], [253, 231, 37]]]  # clipped
     base = Image.new("RGB", (16, 8), (10, 20, 30))
     heat = torch.tensor([[0.0, 1.0]])  # left cold, right hot
     full = np.asarray(overlay(base, heat, alpha=1.0, cmap="jet")).astype(int)
@@ -169,4 +186,25 @@ def test_colormap_and_overlay():
     none = np.asarray(overlay(base, heat, alpha=0.0))
     assert (none == [10, 20, 30]).all()
     with pytest.raises(ValueError, match="colormap"):
-        colormap(np.zeros(2), "rainbow")
+        colormap(np.zeros(2), "no_such_map")
+
+
+def test_documented_command_runs_as_a_user_runs_it(tmp_path):
+    """`python pictures/visualize.py checkpoint=... output_dir=...` (README), plus size overrides; --help; a bad
+    colormap is one error line with exit code 2."""
+    run = _run_dir(tmp_path, _mae())
+    out = tmp_path / "pictures"
+    env = dict(os.environ, PYTHONPATH=str(REPO))  # the checkout importable, as for the other subprocess tests
+    cmd = [sys.executable, "pictures/visualize.py", f"checkpoint={run}", f"output_dir={out}", "num_images=1"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["read_as"] == "mae" and len(summary["images"]) == 1
+    assert sorted(p.name for p in out.glob("*.png")) == ["attention_heads_block1.png", "attention_layers.png",
+                                                        "reconstruction.png"]
+    helped = subprocess.run([sys.executable, "pictures/visualize.py", "--help"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert helped.returncode == 0 and "colormap (str)" in helped.stdout
+    bad = subprocess.run(cmd + ["colormap=no_such_map"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode != 0 and "no_such_map" in bad.stderr and "Traceback" not in bad.stderr

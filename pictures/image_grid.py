@@ -1,9 +1,7 @@
-"""Small PIL drawing helpers for the pictures Tessera writes (reconstruction grids, attention overlays).
+"""Tensors to PIL images and PIL images to a labelled grid: un-normalise, upscale, lay out, save as PNG.
 
-Tensors in, PIL images out: un-normalise, upscale, colourise a heat map, blend it over an image, lay images out in a
-labelled grid, save as PNG. matplotlib is not a dependency, so the two colormaps are written here by hand (a
-piecewise-linear viridis from its published anchor colours, and the analytic jet).
-"""
+PIL (not matplotlib) because these pictures are pixel-exact image tables: each cell is the image itself, upscaled by
+an integer factor, which a tool or test can read back cell by cell (`cell_box`)."""
 
 from __future__ import annotations
 
@@ -13,28 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# viridis sampled at 0, 1/8, ..., 1 (matplotlib's table, rounded to 8 bit); linear interpolation in between.
-_VIRIDIS_ANCHORS = np.array(
-    [
-        (68, 1, 84),
-        (71, 44, 122),
-        (59, 81, 139),
-        (44, 113, 142),
-        (33, 144, 141),
-        (39, 173, 129),
-        (92, 200, 99),
-        (170, 220, 50),
-        (253, 231, 37),
-    ],
-    dtype=np.float64,
-)
-COLORMAPS = ("viridis", "jet")
 
 
 def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -69,44 +46,6 @@ def upscale(image: Image.Image, factor: int) -> Image.Image:
     if factor <= 1:
         return image
     return image.resize((image.width * factor, image.height * factor), Image.NEAREST)
-
-
-def colormap(values: torch.Tensor | np.ndarray, name: str = "viridis") -> np.ndarray:
-    """Map values in [0, 1] (any shape S) to uint8 RGB colours [*S, 3]."""
-    v = np.clip(np.asarray(values.detach().cpu() if isinstance(values, torch.Tensor) else values, dtype=np.float64), 0, 1)
-    if name == "viridis":
-        pos = v * (len(_VIRIDIS_ANCHORS) - 1)
-        lo = np.floor(pos).astype(np.int64).clip(0, len(_VIRIDIS_ANCHORS) - 2)
-        frac = (pos - lo)[..., None]
-        rgb = _VIRIDIS_ANCHORS[lo] * (1 - frac) + _VIRIDIS_ANCHORS[lo + 1] * frac
-    elif name == "jet":
-        channels = [np.clip(1.5 - np.abs(4 * v - c), 0, 1) for c in (3, 2, 1)]  # r, g, b
-        rgb = np.stack(channels, axis=-1) * 255.0
-    else:
-        raise ValueError(f"unknown colormap {name!r}; choose one of {COLORMAPS}")
-    return (rgb + 0.5).astype(np.uint8)
-
-
-def upsample_map(heat: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear upsampling of a [h, w] map to `size` = (H, W)."""
-    x = heat.detach().float().cpu()[None, None]  # [1, 1, h, w]
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)[0, 0]  # [H, W]
-
-
-def normalize_map(heat: torch.Tensor) -> torch.Tensor:
-    """Min-max scale to [0, 1] for display (a constant map becomes all zeros)."""
-    lo, hi = heat.min(), heat.max()
-    return (heat - lo) / (hi - lo) if hi > lo else torch.zeros_like(heat)
-
-
-def overlay(image: Image.Image, heat: torch.Tensor, alpha: float = 0.5, cmap: str = "viridis") -> Image.Image:
-    """Blend a colourised heat map [h, w] (any positive scale) over `image`; the map is upsampled bilinearly and
-    min-max scaled. `alpha` is the weight of the heat map."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    heat_full = normalize_map(upsample_map(heat, (image.height, image.width)))
-    colours = Image.fromarray(colormap(heat_full, cmap), mode="RGB")
-    return Image.blend(image.convert("RGB"), colours, alpha)
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:

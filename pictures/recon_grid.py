@@ -2,7 +2,7 @@
 with the visible patches pasted back.
 
 Pretraining calls `save_reconstruction_grid` every so often on a fixed batch with a fixed seed, so the same patches
-are masked each time and the pictures of one run can be compared step by step; `finetune/visualize.py` reuses it for
+are masked each time and the pictures of one run can be compared step by step; `pictures/visualize.py` reuses it for
 MAE checkpoints. The caller passes the bare model: under DDP, Accelerate or DeepSpeed that is
 `accelerator.unwrap_model(model)` (the function calls `patchify`/`unpatchify`, which a wrapper does not expose).
 Under DeepSpeed ZeRO-3 the parameters are sharded, so every rank has to make the call (only one needs to write).
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from launch.pictures import denormalize, display_scale, grid, save_png, to_pil, upscale
+from pictures.image_grid import denormalize, display_scale, grid, save_png, to_pil, upscale
 
 MASK_GREY = 0.5  # display value of the removed patches in the "masked" column
 COLUMNS = ("original", "masked", "reconstruction", "recon + visible")
@@ -53,7 +53,8 @@ def masking_noise(n: int, num_patches: int, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reconstruct(model: nn.Module, images: torch.Tensor, mask_ratio: float = 0.75, seed: int = 0) -> dict[str, torch.Tensor]:
+def reconstruct(model: nn.Module, images: torch.Tensor, mask_ratio: float = 0.75,
+                seed: int = 0) -> dict[str, torch.Tensor]:
     """Run the MAE on `images` (normalised [N,C,H,W]) with the masking fixed by `seed`.
 
     Returns float32 CPU tensors in the normalised space of the input: `original`, `reconstruction`, `pasted`

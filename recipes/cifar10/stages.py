@@ -1,6 +1,6 @@
 """Running the chain's stages: each an entry point run as a subprocess from the repository root, its output echoed and
 logged, its command and wall-clock recorded in `chain_stage.json`, and a finished stage reused when its command is
-unchanged. Also the `ChainError` every stage raises and the small shared helpers (`shell_join`, `now_iso`)."""
+unchanged. Also the errors the chain raises and the small shared helpers (`shell_join`, `now_iso`)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,19 @@ import shutil
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class ChainError(RuntimeError):
     """A stage of the chain failed; the message names the stage, its exit code and its log."""
 
+
+class ChainInputError(ChainError):
+    """The chain was given something it cannot use (a missing tarball, a folder it must not delete); the message says
+    which option to change."""
 
 
 def run_stage(name: str, cmd: list[str], stage_dir: Path, env: dict[str, str], done_file: Path | None,
@@ -75,4 +79,4 @@ def shell_join(cmd: list[str]) -> str:
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")

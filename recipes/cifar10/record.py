@@ -3,29 +3,23 @@ provenance behind the numbers (hardware, library versions, git commit)."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
 import shlex
 import shutil
+import statistics
 import subprocess
+from importlib import metadata
 from pathlib import Path
 
-from launch.chain_data import split_sizes
-from launch.chain_stages import REPO, now_iso
+import yaml
 
+from launch.metrics import read_metrics
+from recipes.cifar10.shards import split_sizes
+from recipes.cifar10.stages import REPO, now_iso
 
-def read_metrics(path: Path) -> list[dict]:
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue  # a line cut by a crash
-    return rows
+EVAL_KEYS = ("top1", "top5", "n_images", "best_top1", "steps", "global_batch", "peak_lr", "path", "pool", "global_pool")
 
 
 def collect(budget, args, data_dir: Path, probe_split: str, pt_dir: Path, runs: dict, stages: list[dict],
@@ -35,20 +29,20 @@ def collect(budget, args, data_dir: Path, probe_split: str, pt_dir: Path, runs: 
     curve = [[int(m["step"]), round(float(m["loss"]), 5)] for m in metrics if math.isfinite(m["loss"])]
     ips = [m["images_per_sec"] for m in metrics if isinstance(m.get("images_per_sec"), (int, float))]
     pt_cfg = read_yaml(pt_dir / "config.yaml")
+    model_cfg, data_cfg = pt_cfg.get("model", {}), pt_cfg.get("data", {})
     sizes = split_sizes(data_dir)
     seconds = {s["stage"]: s["seconds"] for s in stages}
     pretrain = {
-        "variant": pt_cfg.get("model", {}).get("name"), "mask_ratio": pt_cfg.get("model", {}).get("mask_ratio"),
-        "norm_pix_loss": pt_cfg.get("model", {}).get("norm_pix_loss"),
-        "steps": curve[-1][0] if curve else None, "batch_size": pt_cfg.get("data", {}).get("batch_size"),
+        "variant": model_cfg.get("name"), "mask_ratio": model_cfg.get("mask_ratio"),
+        "norm_pix_loss": model_cfg.get("norm_pix_loss"),
+        "steps": curve[-1][0] if curve else None, "batch_size": data_cfg.get("batch_size"),
         "epochs": metrics[-1].get("epoch") if metrics else None, "first_loss": curve[0][1] if curve else None,
-        "final_loss": curve[-1][1] if curve else None, "median_images_per_sec": median(ips),
+        "final_loss": curve[-1][1] if curve else None, "median_images_per_sec": statistics.median(ips) if ips else None,
         "seconds": seconds.get("pretrain"), "loss_curve": curve,
     }
     rows = {}
     for key, ev in runs.items():
-        rows[key] = {k: ev.get(k) for k in ("top1", "top5", "n_images", "best_top1", "steps", "global_batch",
-                                             "peak_lr", "path", "pool", "global_pool")}
+        rows[key] = {k: ev.get(k) for k in EVAL_KEYS}
         rows[key]["seconds"] = seconds.get(key)
     gaps = {"probe_top1_mae_minus_random": diff(rows["probe_mae"]["top1"], rows["probe_random"]["top1"]),
             "finetune_top1_mae_minus_scratch": diff(rows["finetune_mae"]["top1"], rows["finetune_scratch"]["top1"])}
@@ -69,43 +63,32 @@ def diff(a, b):
     return round(a - b, 2) if isinstance(a, (int, float)) and isinstance(b, (int, float)) else None
 
 
-def median(xs: list[float]) -> float | None:
-    if not xs:
-        return None
-    s = sorted(xs)
-    mid = len(s) // 2
-    return s[mid] if len(s) % 2 else 0.5 * (s[mid - 1] + s[mid])
-
-
 def read_yaml(path: Path) -> dict:
-    import yaml
-
+    """The run's config.yaml as a dict ({} when it is missing or unreadable: the record then says None)."""
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError):
         return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _first_field(path: str, prefix: str) -> str | None:
+    """The value after ':' of the first line of a /proc file starting with `prefix`."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(prefix):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def hardware(threads: str | None = None) -> dict:
     """What the numbers were measured on: CPU model and cores, memory, GPU (nvidia-smi), the stages' thread count
     (OMP_NUM_THREADS as passed to them), library versions."""
-    from importlib import metadata
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gb = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem_gb = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
+    cpu = _first_field("/proc/cpuinfo", "model name") or platform.processor() or platform.machine()
+    mem_kb = _first_field("/proc/meminfo", "MemTotal")
+    mem_gb = round(int(mem_kb.split()[0]) / 2**20, 1) if mem_kb else None
     gpus = []
     if shutil.which("nvidia-smi"):
         try:
@@ -121,8 +104,7 @@ def hardware(threads: str | None = None) -> dict:
         except metadata.PackageNotFoundError:
             versions[pkg] = None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu, "cpu_cores": cores,
-            "memory_gb": mem_gb, "gpus": gpus, "threads": threads,
+    return {"cpu": cpu, "cpu_cores": cores, "memory_gb": mem_gb, "gpus": gpus, "threads": threads,
             "python": platform.python_version(), "platform": platform.platform(), "versions": versions}
 
 

@@ -1,5 +1,8 @@
 """The chain's data stage: unpack the CIFAR-10 JPEG tarball once, build a class-balanced probe subset, and write the
-WebDataset shards with `data/make_shards.py` (run as a subprocess); the micro budget uses `data/sample` as it is."""
+WebDataset shards with `data/make_shards.py` (run as a subprocess); the micro budget uses `data/sample` as it is.
+
+The tarball is `--tarball`, else `$TESSERA_CIFAR10_TARBALL`, else `shared/datasets/cifar10-jpg.tar.gz` beside the
+checkout (the folder layout of this project's machines)."""
 
 from __future__ import annotations
 
@@ -10,9 +13,16 @@ import sys
 import tarfile
 from pathlib import Path
 
-from launch.chain_stages import REPO, ChainError, run_stage
+from recipes.cifar10.stages import REPO, ChainError, ChainInputError, run_stage
 
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
+TARBALL_ENV = "TESSERA_CIFAR10_TARBALL"
+TARBALL_BESIDE_CHECKOUT = Path("shared") / "datasets" / "cifar10-jpg.tar.gz"  # relative to the checkout's parent
+
+
+def default_tarball() -> Path:
+    """`$TESSERA_CIFAR10_TARBALL` when set, else the tarball beside the checkout."""
+    return Path(os.environ.get(TARBALL_ENV) or REPO.parent / TARBALL_BESIDE_CHECKOUT)
 
 
 def ensure_cifar(tarball: Path, cifar_dir: Path) -> Path:
@@ -22,15 +32,17 @@ def ensure_cifar(tarball: Path, cifar_dir: Path) -> Path:
     if (cifar_dir / "train").is_dir() and (cifar_dir / "test").is_dir():
         return cifar_dir
     if not tarball.is_file():
-        raise ChainError(f"CIFAR-10 tarball not found: {tarball} (and {cifar_dir} has no train/ and test/); "
-                         "pass --tarball or --cifar-dir")
+        raise ChainInputError(f"CIFAR-10 tarball not found: {tarball} (and {cifar_dir} has no train/ and test/); "
+                              f"pass --tarball PATH or set {TARBALL_ENV}=PATH (a .tar.gz holding train/ and test/ "
+                              "JPEG folders), or --cifar-dir with an unpacked copy")
     tmp = cifar_dir.parent / f"{cifar_dir.name}.{os.getpid()}"
     print(f"[chain] data: unpacking {tarball} -> {cifar_dir}", flush=True)
     with tarfile.open(tarball) as tar:
         tar.extractall(tmp, filter="data")
     if not (tmp / "train").is_dir() or not (tmp / "test").is_dir():
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ChainError(f"{tarball} does not hold train/ and test/ folders")
+        raise ChainInputError(f"{tarball} does not hold train/ and test/ folders; pass the CIFAR-10 JPEG tarball "
+                              "with --tarball")
     try:
         tmp.rename(cifar_dir)
     except OSError:  # someone else finished first (or an empty folder is in the way)
@@ -39,7 +51,8 @@ def ensure_cifar(tarball: Path, cifar_dir: Path) -> Path:
                 cifar_dir.rmdir()
                 tmp.rename(cifar_dir)
             else:
-                raise ChainError(f"cannot move the unpacked data to {cifar_dir}: it exists without train/") from None
+                raise ChainInputError(f"cannot move the unpacked data to {cifar_dir}: it exists without train/; "
+                                      "pick another --cifar-dir") from None
         shutil.rmtree(tmp, ignore_errors=True)
     return cifar_dir
 
@@ -51,7 +64,7 @@ def class_subset(train_dir: Path, out_dir: Path, per_class: int) -> Path:
     for cls in sorted(d for d in train_dir.iterdir() if d.is_dir()):
         files = sorted(f for f in cls.iterdir() if f.is_file())
         if len(files) < per_class:
-            raise ChainError(f"class folder {cls} has {len(files)} images, fewer than the {per_class} asked for")
+            raise ChainInputError(f"class folder {cls} has {len(files)} images, fewer than the {per_class} asked for")
         (out_dir / cls.name).mkdir(parents=True)
         for f in files[:per_class]:
             (out_dir / cls.name / f.name).symlink_to(f.resolve())
@@ -59,6 +72,7 @@ def class_subset(train_dir: Path, out_dir: Path, per_class: int) -> Path:
 
 
 def split_sizes(shard_dir: Path) -> dict[str, int]:
+    """Images per split, from the shards' dataset.json ({} when there are no shards yet)."""
     meta = shard_dir / "dataset.json"
     if not meta.is_file():
         return {}
