@@ -2,7 +2,8 @@
 
 Both mask types go through the same `random_masking` path: the `K = int(L * (1 - ratio))` patches with the smallest
 noise are kept. Block-wise masking is written by hand (no library provides a batched BEiT mask generator): it is
-vectorised over the batch, looping only over placement rounds, never over samples.
+vectorised over the batch and over several proposals per round, loops over a fixed number of rounds and never
+reads a value back to the host, so no mask type breaks a compiled graph or stalls the GPU.
 """
 
 import math
@@ -45,48 +46,45 @@ def block_mask(
     num_masked: int,
     min_block: int = 16,
     min_aspect: float = 0.3,
-    rounds: int = 64,
+    rounds: int = 16,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    proposals: int = 4,
 ) -> torch.Tensor:
     """BEiT-style block-wise mask [N, H, W] (bool, True = masked) with at most `num_masked` patches per sample.
 
-    Each round every unfinished sample proposes one rectangle: area ~ U(min_block, remaining budget), aspect ratio
-    log-uniform in [min_aspect, 1/min_aspect], uniform position; it is accepted when it adds between 1 and
-    `remaining` new patches (as BEiT's generator). Like BEiT it may stop short of the budget.
+    Each round every sample draws `proposals` rectangles: area ~ U(min_block, remaining budget), aspect ratio
+    log-uniform in [min_aspect, 1/min_aspect], uniform position; the first that adds between 1 and `remaining` new
+    patches is accepted (BEiT's acceptance rule; BEiT draws one rectangle per round, up to 64 rounds). A fixed
+    number of rounds with no early exit and no data-dependent branch: no host synchronisation, so it runs inside
+    a compiled graph and on the GPU without stalls. Like BEiT it may stop short of the budget.
     """
     min_block = max(1, min(min_block, (grid_h * grid_w) // 4))
     dev = torch.device(device) if device is not None else torch.device("cpu")
-
-    def rand(*shape):
-        return torch.rand(*shape, generator=generator, device=generator.device if generator else dev)
-
-    mask = torch.zeros(n, grid_h, grid_w, dtype=torch.bool, device=dev)
-    rows = torch.arange(grid_h, device=dev).view(1, grid_h, 1)
-    cols = torch.arange(grid_w, device=dev).view(1, 1, grid_w)
+    gen_dev = generator.device if generator is not None else dev
+    u = torch.rand(rounds, 4, n, proposals, generator=generator, device=gen_dev).to(dev)  # every draw at once
+    mask = torch.zeros(n, grid_h * grid_w, dtype=torch.bool, device=dev)
+    rows = torch.arange(grid_h, device=dev).view(1, 1, grid_h, 1)
+    cols = torch.arange(grid_w, device=dev).view(1, 1, 1, grid_w)
     log_lo, log_hi = math.log(min_aspect), math.log(1.0 / min_aspect)
-    for _ in range(rounds):
-        count = mask.flatten(1).sum(1)  # [N]
-        remaining = num_masked - count  # [N]
-        if not bool((remaining > 0).any()):
-            break
-        u = rand(4, n).to(dev)
-        area = min_block + u[0] * (remaining.float() - min_block)  # U(min_block, remaining), either order
-        aspect = torch.exp(log_lo + u[1] * (log_hi - log_lo))
-        h = torch.round(torch.sqrt(area * aspect)).long().clamp(1, grid_h)  # [N]
+    for r in range(rounds):
+        remaining = (num_masked - mask.sum(1)).view(n, 1)  # [N, 1]
+        area = min_block + u[r, 0] * (remaining.float() - min_block)  # [N, P]: U(min_block, remaining), either order
+        aspect = torch.exp(log_lo + u[r, 1] * (log_hi - log_lo))
+        h = torch.round(torch.sqrt(area * aspect)).long().clamp(1, grid_h)
         w = torch.round(torch.sqrt(area / aspect)).long().clamp(1, grid_w)
-        top = (u[2] * (grid_h - h + 1)).long()  # [N] in [0, H - h]
-        left = (u[3] * (grid_w - w + 1)).long()
+        top = (u[r, 2] * (grid_h - h + 1)).long()  # [N, P] in [0, H - h]
+        left = (u[r, 3] * (grid_w - w + 1)).long()
         rect = (
-            (rows >= top.view(-1, 1, 1))
-            & (rows < (top + h).view(-1, 1, 1))
-            & (cols >= left.view(-1, 1, 1))
-            & (cols < (left + w).view(-1, 1, 1))
-        )  # [N, H, W]
-        new = (rect & ~mask).flatten(1).sum(1)  # [N]
-        accept = (new > 0) & (new <= remaining)
-        mask |= rect & accept.view(-1, 1, 1)
-    return mask
+            (rows >= top[..., None, None]) & (rows < (top + h)[..., None, None])
+            & (cols >= left[..., None, None]) & (cols < (left + w)[..., None, None])
+        ).flatten(2)  # [N, P, H*W]
+        new = (rect & ~mask.unsqueeze(1)).sum(2)  # [N, P]
+        ok = (new > 0) & (new <= remaining)
+        first = ok.float().argmax(dim=1)  # [N]: first acceptable proposal (0 if none: then not applied)
+        chosen = rect[torch.arange(n, device=dev), first]  # [N, H*W]
+        mask |= chosen & ok.any(dim=1, keepdim=True)
+    return mask.view(n, grid_h, grid_w)
 
 
 def block_mask_noise(
