@@ -9,7 +9,7 @@ finetune: the encoder of the variant as a classifier (models.create_classifier, 
 the library's layer-decay parameter groups; forward + backward + step. The random batch is copied before mixing
 (timm mixes in place) so every step mixes fresh images.
 linprobe: frozen encoder forward in no_grad (features: CLS token after the final norm), then a
-BatchNorm1d(affine=False) + Linear head trained with LARS (finetune/probe_optim.py), as the MAE probe.
+BatchNorm1d(affine=False) + Linear head trained with LARS (finetune/probe.py), as the MAE probe.
 FLOPs: finetune = 3 x (full-token ViT forward + head); linprobe = encoder forward + 3 x head.
 """
 
@@ -28,7 +28,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from benchmarks import common as C  # noqa: E402
-from finetune.probe_optim import build_lars  # noqa: E402
+from finetune.probe import build_lars  # noqa: E402
 from launch.param_groups import param_groups  # noqa: E402
 from models.classifier import create_classifier  # noqa: E402
 from models.flops import vit_flops_per_image  # noqa: E402

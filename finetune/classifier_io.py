@@ -31,7 +31,7 @@ def build_from_meta(meta: dict) -> nn.Module:
         return create_classifier(cfg, meta["num_classes"], global_pool=meta.get("global_pool", "token"),
                                  drop_path_rate=0.0, img_size=img_size)
     if meta["kind"] == "probe":
-        from finetune.probe_model import ProbeClassifier
+        from finetune.probe import ProbeClassifier
         from models.vit import create_encoder
 
         cfg["img_size"] = img_size

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from launch.config import opt, section
-from launch.sections import OptimConfig, RunConfig
+from launch.sections import GLOBAL_HELP, MICRO_HELP, OptimConfig, RunConfig, check_batch_keys
 
 DEFAULT_ENCODER = "runs/pretrain/encoder.safetensors"
 
@@ -20,8 +20,8 @@ class DataSection:
     path: str = opt("data/sample", "dataset directory holding dataset.json (or a brace pattern / URL list)")
     train_split: str = opt("train", "split used for training")
     test_split: str = opt("test", "split evaluated (every image exactly once)")
-    batch_size: int = opt(256, "images per optimizer step, over all ranks and accumulation micro-steps "
-                                "(the batch of the lr scaling rule)")
+    global_batch: int | None = opt(256, GLOBAL_HELP)
+    micro_batch: int | None = opt(None, MICRO_HELP)
     eval_batch_size: int = opt(256, "per-rank batch size of evaluation and feature extraction")
     num_workers: int = opt(2, "data-loader worker processes per rank")
     img_size: int | None = opt(None, "input resolution (None: the encoder's own; another size interpolates pos_embed)")
@@ -30,9 +30,12 @@ class DataSection:
     crop_pct: float | None = opt(None, "evaluation centre-crop fraction (None: 1.0 up to 64 px, else 0.875)")
     shuffle_buffer: int = opt(2000, "training stream shuffle buffer (samples per worker)")
 
+    EXCLUSIVE = (("micro_batch", "global_batch"),)
+
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.eval_batch_size < 1:
-            raise ValueError("batch_size and eval_batch_size must be >= 1")
+        check_batch_keys(self.micro_batch, self.global_batch)
+        if self.eval_batch_size < 1:
+            raise ValueError("eval_batch_size must be >= 1")
         if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
             raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
         if self.num_workers < 0:
@@ -53,31 +56,12 @@ class ProbeSection:
             raise ValueError("eval_every must be >= 0")
 
 
-# Sections with other defaults are subclasses (not instances): a section built from overrides starts from its
-# class defaults, so `run.steps=10` must not bring back RunConfig's own output_dir.
-
-
-@dataclass
-class ProbeRunConfig(RunConfig):
-    output_dir: str = opt("runs/linprobe", "run directory: config.yaml, metrics.jsonl, features/, eval.json, weights")
-    steps: int = opt(500, "optimizer steps of the head")
-    log_every: int = opt(50, "log every N steps")
-    save_every: int = opt(0, "save a resumable checkpoint every N steps (0: none; the cached path is quick)")
-
-
-@dataclass
-class ProbeOptimConfig(OptimConfig):
-    """MAE linear probe: LARS, blr 0.1, no weight decay, warmup + cosine (betas/eps/layer_decay unused)."""
-
-    blr: float = opt(0.1, "base learning rate; lr = blr * global_batch / 256 unless lr is set")
-    weight_decay: float = opt(0.0, "LARS weight decay (the recipe: 0)")
-    warmup_steps: int = opt(10, "linear warmup length in optimizer steps")
-
-
 @dataclass
 class LinprobeConfig:
-    run: ProbeRunConfig = section(ProbeRunConfig, "how the run runs")
-    optim: ProbeOptimConfig = section(ProbeOptimConfig, "LARS optimisation")
+    run: RunConfig = section(RunConfig, "how the run runs", output_dir="runs/linprobe", steps=500, log_every=50,
+                             save_every=0)
+    # the MAE linear probe: LARS, blr 0.1, no weight decay, warmup + cosine (betas/eps/layer_decay unused)
+    optim: OptimConfig = section(OptimConfig, "LARS optimisation", blr=0.1, weight_decay=0.0, warmup_steps=10)
     data: DataSection = section(DataSection, "dataset")
     probe: ProbeSection = section(ProbeSection, "probe options")
     encoder: str = opt(DEFAULT_ENCODER, "encoder.safetensors | official MAE .pth | timm:NAME (+encoder_weights) | random")
@@ -138,35 +122,13 @@ class EmaSection:
 
 
 @dataclass
-class FinetuneRunConfig(RunConfig):
-    output_dir: str = opt("runs/finetune", "run directory: config.yaml, metrics.jsonl, checkpoints/, eval.json, weights")
-    steps: int = opt(300, "number of optimizer steps")
-    log_every: int = opt(20, "log every N steps")
-    save_every: int = opt(100, "save a resumable checkpoint every N steps (0: none)")
-
-
-@dataclass
-class FinetuneOptimConfig(OptimConfig):
-    """MAE fine-tuning: AdamW (0.9, 0.999), wd 0.05, layer decay, warmup + cosine to 1e-6."""
-
-    blr: float = opt(5e-4, "base learning rate; lr = blr * global_batch / 256 unless lr is set")
-    min_lr: float = opt(1e-6, "learning rate at the end of the cosine")
-    warmup_steps: int = opt(20, "linear warmup length in optimizer steps")
-    betas: tuple[float, float] = opt((0.9, 0.999), "AdamW betas")
-    layer_decay: float | None = opt(0.75, "layer-wise lr decay: block i gets decay**(depth+1-i)")
-
-
-@dataclass
-class FinetuneDataSection(DataSection):
-    batch_size: int = opt(128, "images per optimizer step, over all ranks and accumulation micro-steps "
-                                "(the batch of the lr scaling rule)")
-
-
-@dataclass
 class FinetuneConfig:
-    run: FinetuneRunConfig = section(FinetuneRunConfig, "how the run runs")
-    optim: FinetuneOptimConfig = section(FinetuneOptimConfig, "AdamW optimisation with layer-wise lr decay")
-    data: FinetuneDataSection = section(FinetuneDataSection, "dataset")
+    run: RunConfig = section(RunConfig, "how the run runs", output_dir="runs/finetune", steps=300, log_every=20,
+                             save_every=100)
+    # the MAE fine-tuning recipe: AdamW (0.9, 0.999), wd 0.05, layer decay 0.75, warmup + cosine to 1e-6
+    optim: OptimConfig = section(OptimConfig, "AdamW optimisation with layer-wise lr decay", blr=5e-4, min_lr=1e-6,
+                                 warmup_steps=20, betas=(0.9, 0.999), layer_decay=0.75)
+    data: DataSection = section(DataSection, "dataset", global_batch=128)
     model: ModelSection = section(ModelSection, "classifier")
     aug: AugSection = section(AugSection, "augmentation")
     ema: EmaSection = section(EmaSection, "weight EMA")
@@ -200,6 +162,5 @@ class EvaluateConfig:
             raise ValueError("batch_size must be >= 1")
 
 
-__all__ = ["DataSection", "ProbeSection", "LinprobeConfig", "ProbeRunConfig", "ProbeOptimConfig", "FinetuneRunConfig",
-           "FinetuneOptimConfig", "FinetuneDataSection", "ModelSection", "AugSection", "EmaSection",
+__all__ = ["DataSection", "ProbeSection", "LinprobeConfig", "ModelSection", "AugSection", "EmaSection",
            "FinetuneConfig", "EvaluateConfig", "DEFAULT_ENCODER"]

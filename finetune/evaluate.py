@@ -8,28 +8,27 @@ from classifier.json), every image counted exactly once across ranks. Prints and
 
 from __future__ import annotations
 
-import sys
+import json
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: import from the repository root, not from finetune/
-    _here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-    sys.path.insert(0, str(_here.parent))
-
-import json
-
+from data.device_input import device_batches
+from data.eval_stream import build_eval_loader
+from data.info import DatasetError, resolve
+from data.transforms import eval_transform
 from finetune.classifier_io import load_classifier, resolve_checkpoint
 from finetune.config import EvaluateConfig
-from finetune.eval_loop import evaluate_model, write_eval_json
+from finetune.evaluation import evaluate_model, write_eval_json
+from launch.accel import build_accelerator
 from launch.config import ConfigError, parse_cli
+from launch.sections import OptimConfig, RunConfig
+
+PROG = "finetune/evaluate.py"
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_cli(EvaluateConfig, argv, "evaluate.py")
+    cfg = parse_cli(EvaluateConfig, argv, PROG)
     ckpt_path = resolve_checkpoint(cfg.checkpoint)
     model, meta = load_classifier(ckpt_path)
-
-    from data.info import DatasetError, resolve
 
     try:
         info = resolve(cfg.data)
@@ -41,20 +40,16 @@ def main(argv: list[str] | None = None) -> dict:
         raise ConfigError(f"the classifier has {meta['num_classes']} classes but data={cfg.data} has "
                           f"{info.num_classes} (dataset.json)")
 
-    from data.eval_stream import build_eval_loader
-    from data.transforms import eval_transform
-    from launch.accel import build_accelerator
-    from launch.sections import OptimConfig, RunConfig
-
     run = RunConfig(output_dir=str(ckpt_path.parent), precision=cfg.precision, trackers=("none",))
-    accelerator = build_accelerator(run, OptimConfig(), cfg.batch_size)
+    accelerator = build_accelerator(run, OptimConfig())
     model.to(accelerator.device)
     img_size = meta.get("img_size") or meta["encoder_cfg"]["img_size"]
     img_size = img_size if isinstance(img_size, int) else img_size[0]
     tf = eval_transform(img_size, meta["mean"], meta["std"], meta.get("crop_pct"))
     loader = build_eval_loader(cfg.data, batch_size=cfg.batch_size, transform=tf, rank=accelerator.process_index,
                                world_size=accelerator.num_processes, num_workers=cfg.num_workers)
-    result = evaluate_model(model, loader, accelerator, progress=cfg.progress, desc="evaluate")
+    batches = device_batches(loader, accelerator.device, mean=meta["mean"], std=meta["std"])
+    result = evaluate_model(model, batches, accelerator, total=len(loader), progress=cfg.progress, desc="evaluate")
     out = {"top1": result["top1"], "top5": result["top5"], "n_images": result["n_images"], "loss": result["loss"],
            "checkpoint": str(ckpt_path), "kind": meta["kind"], "step": meta.get("step"), "data": cfg.data,
            "encoder": meta.get("encoder")}

@@ -45,21 +45,21 @@ def gather_rows(x: torch.Tensor, accelerator) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract_features(encoder: nn.Module, loader, accelerator, pool: str, desc: str = "features",
-                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features `[N, D]` float32, labels `[N]`) of every valid image of `loader`, gathered from all ranks."""
+def extract_features(encoder: nn.Module, batches, accelerator, pool: str, desc: str = "features",
+                     progress: bool = True, total: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features `[N, D]` float32, labels `[N]`) of every valid image of `batches` (device batches of the eval
+    stream, `data.device_input.device_batches`), gathered from all ranks."""
     encoder.eval()
-    device = accelerator.device if accelerator is not None else torch.device("cpu")
     feats, labels = [], []
     show = progress and (accelerator is None or accelerator.is_main_process)
-    for batch in tqdm(loader, desc=desc, disable=not show, total=len(loader) if hasattr(loader, "__len__") else None):
-        images = batch["image"].to(device, non_blocking=True)
+    for batch in tqdm(batches, desc=desc, disable=not show, total=total):
+        images = batch["image"]
         valid = batch["valid"].to(torch.bool) if "valid" in batch else torch.ones(len(images), dtype=torch.bool)
         autocast = accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False)
         with autocast:
             f = encode(encoder, images, pool)  # [B, D]
         feats.append(f.float()[valid.to(f.device)].cpu())
-        labels.append(batch["label"][valid.cpu()].cpu())
+        labels.append(batch["label"][valid.to(batch["label"].device)].cpu())
     local_f = torch.cat(feats) if feats else torch.zeros(0, getattr(encoder, "embed_dim", 0))
     local_y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
     return gather_rows(local_f, accelerator), gather_rows(local_y.long(), accelerator)

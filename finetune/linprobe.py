@@ -13,60 +13,38 @@ rebuildable from `classifier.json`), metrics.jsonl and resumable checkpoints.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: import from the repository root, not from finetune/
-    _here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-    sys.path.insert(0, str(_here.parent))
-
 import math
 import time
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from accelerate.utils import set_seed
 
+from data.device_input import device_batches
+from data.eval_stream import build_eval_loader
+from data.train_stream import build_train_loader
+from data.transforms import default_crop_pct, eval_transform, pretrain_transform
 from finetune.classifier_io import save_classifier
 from finetune.config import LinprobeConfig
 from finetune.encoder_source import resolve_encoder
-from finetune.eval_loop import evaluate_model, write_eval_json
-from finetune.resume import open_run
+from finetune.evaluation import AccuracyMeter, evaluate_model, write_eval_json
 from finetune.features import FeatureCache, cache_key, extract_features
-from finetune.probe_model import ProbeClassifier
-from finetune.probe_optim import build_lars
+from finetune.probe import ProbeClassifier, build_lars
 from finetune.splits import check_same_classes, labelled_split, norm_stats, split_spec
-from finetune.topk import AccuracyMeter
-from launch.config import ConfigError, parse_cli, save_config, to_dict
+from launch.accel import build_accelerator, configure_deepspeed, input_dtype
+from launch.checkpoint import model_fingerprint
+from launch.config import ConfigError, parse_cli
+from launch.loop import Hook, TrainLoop
+from launch.sections import resolve_batch
+from launch.session import open_session
+from models.classifier import load_encoder_into
+from models.vit import create_encoder
 
-
-def world_size_from_env() -> int:
-    import os
-
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def micro_batch_size(global_batch: int, world: int, accum: int) -> int:
-    if global_batch % (world * accum):
-        raise ConfigError(f"data.batch_size={global_batch} is not divisible by processes ({world}) x "
-                          f"optim.grad_accum_steps ({accum})")
-    return global_batch // (world * accum)
-
-
-def probe_train_transform(img_size: int, mean, std):
-    """The probe recipe's augmentation: RandomResizedCrop (bicubic) + horizontal flip, no colour changes."""
-    from torchvision import transforms as T
-
-    return T.Compose([T.RandomResizedCrop(img_size, interpolation=T.InterpolationMode.BICUBIC),
-                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+PROG = "finetune/linprobe.py"
 
 
 def build_encoder(source, img_size: int | None):
     """The timm encoder of `source` at `img_size`, with its weights (pos_embed interpolated when the size differs)."""
-    from models.classifier import load_encoder_into
-    from models.vit import create_encoder
-
     cfg = dict(source.encoder_cfg)
     if img_size:
         cfg["img_size"] = img_size
@@ -83,64 +61,72 @@ def classifier_meta(cfg: LinprobeConfig, source, enc_cfg: dict, num_classes: int
             "class_names": class_names, "encoder": source.describe()}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_cli(LinprobeConfig, argv, "linprobe.py")
-    run_dir = Path(cfg.run.output_dir)
+def cached_batches(train_x, train_y, *, global_batch: int, micro: int, accum: int, world: int, rank: int, seed: int,
+                   start_micro: int, device):
+    """Micro-batches (this rank's rows) of cached features from a seeded permutation per epoch, from micro-step
+    `start_micro` on: a pure function of the position, so a resumed run draws exactly what it would have drawn."""
+    n_train = len(train_x)
+    steps_per_epoch = max(1, n_train // global_batch)
+    m = start_micro
+    while True:
+        opt_step, j = divmod(m, accum)
+        epoch, within = divmod(opt_step, steps_per_epoch)
+        perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        if n_train >= global_batch:
+            rows = perm[within * global_batch: (within + 1) * global_batch]  # [global_batch]
+        else:
+            rows = perm.repeat(math.ceil(global_batch / n_train))[:global_batch]
+        chunk = rows[(j * world + rank) * micro: (j * world + rank + 1) * micro]  # micro-step j, this rank
+        yield {"feature": train_x[chunk].to(device), "label": train_y[chunk].to(device)}
+        m += 1
 
-    # ---------------------------------------------------------------- checks before anything is built or trained
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_cli(LinprobeConfig, argv, PROG)
+
+    # checks before anything is built or trained: labelled splits with one class count, an encoder that loads
     train_info = labelled_split(cfg.data.path, cfg.data.train_split, cfg.num_classes)
     test_info = labelled_split(cfg.data.path, cfg.data.test_split, cfg.num_classes)
     num_classes = check_same_classes(train_info, test_info)
     source = resolve_encoder(cfg.encoder, weights=cfg.encoder_weights, arch=cfg.arch, num_heads=cfg.num_heads,
                              seed=cfg.run.seed)
-    world = world_size_from_env()
-    micro = micro_batch_size(cfg.data.batch_size, world, cfg.optim.grad_accum_steps)
 
-    from accelerate.utils import set_seed
-
-    from data.eval_stream import build_eval_loader
-    from data.transforms import default_crop_pct, eval_transform
-    from launch.accel import build_accelerator, input_dtype
-    from launch.checkpoint import model_fingerprint
-    from launch.schedule import apply_lr, lr_at
-
-    accelerator = build_accelerator(cfg.run, cfg.optim, micro)
-    world = accelerator.num_processes  # what the launcher really started (`--cpu --num_processes 2` runs one)
-    micro = micro_batch_size(cfg.data.batch_size, world, cfg.optim.grad_accum_steps)
+    accelerator = build_accelerator(cfg.run, cfg.optim)
+    world, rank, device, accum = (accelerator.num_processes, accelerator.process_index, accelerator.device,
+                                  cfg.optim.grad_accum_steps)
+    micro, global_batch = resolve_batch(cfg.data.micro_batch, cfg.data.global_batch, world, accum)
+    configure_deepspeed(accelerator, micro, cfg.optim)
     set_seed(cfg.run.seed)
     encoder, enc_cfg = build_encoder(source, cfg.data.img_size)
     mean, std = norm_stats(cfg.data.mean, cfg.data.std, train_info)
     img_size = enc_cfg["img_size"] if isinstance(enc_cfg["img_size"], int) else enc_cfg["img_size"][0]
-    model = ProbeClassifier(encoder, num_classes, pool=cfg.pool)
-    model.to(accelerator.device)
+    model = ProbeClassifier(encoder, num_classes, pool=cfg.pool).to(device)
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
         for note in source.notes:
-            print(f"[{Path(__file__).stem}] note: {note}")
+            print(f"[linprobe] note: {note}")
     path_used = "cached" if cfg.probe.cached else "augmented"
-    rank, dev = accelerator.process_index, accelerator.device
     crop_pct = cfg.data.crop_pct if cfg.data.crop_pct is not None else default_crop_pct(img_size)
     etf = eval_transform(img_size, mean, std, crop_pct)
+    dtype = input_dtype(accelerator)  # DeepSpeed converts the head to bf16/fp16, not its inputs
 
-    def eval_loader(info_split: str):
-        return build_eval_loader(split_spec(cfg.data.path, info_split), batch_size=cfg.data.eval_batch_size,
-                                 transform=etf, rank=rank,
-                                 world_size=accelerator.num_processes, num_workers=cfg.data.num_workers)
+    def eval_batches(split: str):
+        loader = build_eval_loader(split_spec(cfg.data.path, split), batch_size=cfg.data.eval_batch_size,
+                                   transform=etf, rank=rank, world_size=world, num_workers=cfg.data.num_workers)
+        return device_batches(loader, device, mean=mean, std=std), len(loader)
 
-    # ---------------------------------------------------------------- features (cached path)
-    train_x = train_y = test_x = test_y = None
+    # features of both splits, extracted once (cached path)
+    feats = {}
     if cfg.probe.cached:
-        cache = FeatureCache(run_dir)
-        feats = {}
+        cache = FeatureCache(cfg.run.output_dir)
         for split, info in ((cfg.data.train_split, train_info), (cfg.data.test_split, test_info)):
             key = cache_key(encoder_identity=source.identity, urls=info.urls, transform=etf, pool=cfg.pool,
                             extra={"img_size": img_size, "split": split})
             hit = None if cfg.probe.rebuild_cache else cache.load(split, key)
             if hit is None:
                 t0 = time.time()
-                hit = extract_features(model.encoder, eval_loader(split), accelerator, cfg.pool,
-                                       desc=f"features {split}", progress=cfg.run.progress)
+                batches, total = eval_batches(split)
+                hit = extract_features(model.encoder, batches, accelerator, cfg.pool, desc=f"features {split}",
+                                       progress=cfg.run.progress, total=total)
                 if accelerator.is_main_process:
                     cache.save(split, key, *hit)
                     print(f"[linprobe] extracted {len(hit[0])} {split} features in {time.time() - t0:.1f}s -> "
@@ -149,146 +135,112 @@ def main(argv: list[str] | None = None) -> dict:
             elif accelerator.is_main_process:
                 print(f"[linprobe] using cached {split} features ({len(hit[0])}) from {cache.path(split)}")
             feats[split] = hit
-        train_x, train_y = feats[cfg.data.train_split]
-        test_x, test_y = feats[cfg.data.test_split]
-        if info_n := train_info.num_samples:
-            if len(train_x) != info_n:
-                raise RuntimeError(f"extracted {len(train_x)} train features but the split has {info_n} images")
-        if bool((train_y < 0).any()):
+        n_train = len(feats[cfg.data.train_split][0])
+        if train_info.num_samples and n_train != train_info.num_samples:
+            raise RuntimeError(f"extracted {n_train} train features but the split has {train_info.num_samples} images")
+        if bool((feats[cfg.data.train_split][1] < 0).any()):
             raise ConfigError(f"split '{cfg.data.train_split}' has unlabelled images (label -1)")
 
-    # ---------------------------------------------------------------- head, optimizer, resume
+    # the head, its optimizer, the run (resumed when a checkpoint exists)
     head = model.head
     fingerprint = model_fingerprint(head)
-    in_dtype = input_dtype(accelerator)  # DeepSpeed converts the head to bf16/fp16, not its inputs
     optimizer = build_lars(head, weight_decay=cfg.optim.weight_decay, momentum=cfg.probe.momentum,
                            trust_coeff=cfg.probe.trust_coeff)
     head, optimizer = accelerator.prepare(head, optimizer)
-    peak_lr = cfg.optim.peak_lr(cfg.data.batch_size)  # data.batch_size is the whole batch of a step
-    ckpt, logger, step, best_top1, data_pos = open_run(accelerator, cfg, run_dir, fingerprint, "linprobe")
-    accelerator.init_trackers("linprobe")
+    session = open_session(accelerator, cfg, fingerprint=fingerprint, name="linprobe")
+    run_dir, best = session.run_dir, {"top1": float(session.state.get("best_top1", -1.0))}
 
-    # ---------------------------------------------------------------- batches
-    accum = cfg.optim.grad_accum_steps
+    loader = None
     if cfg.probe.cached:
-        n_train = len(train_x)
-        per_micro = micro
+        train_x, train_y = feats[cfg.data.train_split]
+        batches = cached_batches(train_x, train_y, global_batch=global_batch, micro=micro, accum=accum, world=world,
+                                 rank=rank, seed=cfg.run.seed, start_micro=session.start_step * accum, device=device)
 
-        def micro_batches(start_micro: int):
-            """Micro-batches (this rank's rows) from a seeded permutation per epoch, from micro-step `start_micro`."""
-            gb = cfg.data.batch_size
-            steps_per_epoch = max(1, n_train // gb)
-            m = start_micro
-            while True:
-                opt_step, j = divmod(m, accum)
-                epoch, within = divmod(opt_step, steps_per_epoch)
-                g = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + epoch)
-                perm = torch.randperm(n_train, generator=g)
-                rows = perm[within * gb: (within + 1) * gb] if n_train >= gb else perm.repeat(math.ceil(gb / n_train))[:gb]
-                # [gb] -> this micro-step j and this rank: contiguous chunk of size per_micro
-                chunk = rows[(j * world + rank) * per_micro: (j * world + rank + 1) * per_micro]
-                yield train_x[chunk].to(dev), train_y[chunk].to(dev)
-                m += 1
-
-        batches = micro_batches(step * accum)
+        def step_fn(batch: dict) -> torch.Tensor:
+            return F.cross_entropy(head(batch["feature"].to(dtype)).float(), batch["label"])
     else:
-        from data.train_stream import build_train_loader
+        ttf = pretrain_transform(img_size, mean, std, scale=(0.08, 1.0))  # the recipe: RandomResizedCrop + flip
+        loader = build_train_loader(split_spec(cfg.data.path, cfg.data.train_split), batch_size=micro, transform=ttf,
+                                    seed=cfg.run.seed, rank=rank, world_size=world, num_workers=cfg.data.num_workers,
+                                    shuffle_buffer=cfg.data.shuffle_buffer)
+        if session.resumed:
+            loader.load_state_dict({**session.state.get("loader", {}), "batches": session.start_step * accum})
+        batches = device_batches(loader, device, mean=mean, std=std, dtype=dtype)
 
-        ttf = probe_train_transform(img_size, mean, std)
-        spec = split_spec(cfg.data.path, cfg.data.train_split)
-        loader = build_train_loader(spec, batch_size=micro, transform=ttf, seed=cfg.run.seed, rank=rank,
-                                    world_size=accelerator.num_processes, num_workers=cfg.data.num_workers,
-                                    start_batch=data_pos, shuffle_buffer=cfg.data.shuffle_buffer)
-
-        def stream_batches():
-            for batch in loader:
-                labels = batch["label"].to(dev)
-                if bool((labels < 0).any()):
-                    raise ConfigError(f"split '{cfg.data.train_split}' has unlabelled images (label -1)")
-                yield model.features(batch["image"].to(dev, non_blocking=True)).float(), labels
-
-        batches = stream_batches()
+        def step_fn(batch: dict) -> torch.Tensor:
+            return F.cross_entropy(head(model.features(batch["image"]).to(dtype)).float(), batch["label"])
 
     def run_eval() -> dict:
-        if cfg.probe.cached:
-            head.eval()
-            meter = AccuracyMeter(device=dev)
-            idx = torch.arange(rank, len(test_x), accelerator.num_processes)  # every row once across ranks
-            with torch.no_grad():
-                for i in range(0, len(idx), cfg.data.eval_batch_size):
-                    sel = idx[i: i + cfg.data.eval_batch_size]
-                    logits = head(test_x[sel].to(dev, in_dtype)).float()
-                    y = test_y[sel].to(dev)
-                    meter.update(logits, y, None, F.cross_entropy(logits, y.clamp(min=0), reduction="none"))
-            head.train()
-            return meter.compute(accelerator)
-        return evaluate_model(model, eval_loader(cfg.data.test_split), accelerator, progress=cfg.run.progress,
-                              desc="eval")
+        if not cfg.probe.cached:
+            eval_iter, total = eval_batches(cfg.data.test_split)
+            return evaluate_model(model, eval_iter, accelerator, total=total, progress=cfg.run.progress)
+        test_x, test_y = feats[cfg.data.test_split]
+        head.eval()
+        meter = AccuracyMeter(device=device)
+        idx = torch.arange(rank, len(test_x), world)  # every row once across ranks
+        with torch.no_grad():
+            for i in range(0, len(idx), cfg.data.eval_batch_size):
+                sel = idx[i: i + cfg.data.eval_batch_size]
+                logits = head(test_x[sel].to(device, dtype)).float()
+                y = test_y[sel].to(device)
+                meter.update(logits, y, None, F.cross_entropy(logits, y.clamp(min=0), reduction="none"))
+        head.train()
+        return meter.compute(accelerator)
+
+    meta = {"kind": "probe", "encoder_cfg": enc_cfg, "num_classes": num_classes, "pool": cfg.pool,
+            "img_size": img_size, "mean": list(mean), "std": list(std), "crop_pct": crop_pct,
+            "class_names": train_info.class_names, "encoder": source.describe()}
 
     def save_weights(name: str) -> None:
         state = {f"encoder.{k}": v for k, v in model.encoder.state_dict().items()}
         state.update({f"head.{k}": v for k, v in accelerator.unwrap_model(head).state_dict().items()})
         if accelerator.is_main_process:
-            save_classifier(state, run_dir / name, classifier_meta(cfg, source, enc_cfg, num_classes,
-                                                                   train_info.class_names, mean, std, crop_pct))
+            save_classifier(state, run_dir / name, meta)
 
-    # ---------------------------------------------------------------- training loop
-    head.train()
-    total = cfg.run.steps
-    bar = tqdm(total=total, initial=step, desc=f"linprobe ({path_used})",
-               disable=not (cfg.run.progress and accelerator.is_main_process))
-    t_last, loss_val, result = time.time(), float("nan"), None
-    seen = 0
-    while step < total:
-        lr = lr_at(step, peak_lr=peak_lr, warmup_steps=cfg.optim.warmup_steps, total_steps=total,
-                   min_lr=cfg.optim.min_lr)
-        apply_lr(optimizer, lr)
-        for _ in range(accum):
-            x, y = next(batches)
-            with accelerator.accumulate(head):
-                with accelerator.autocast():
-                    loss = F.cross_entropy(head(x.to(in_dtype)).float(), y)
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            seen += len(y)
-        step += 1
-        bar.update(1)
-        if step % cfg.run.log_every == 0 or step == total:
-            loss_val = accelerator.reduce(loss.detach(), reduction="mean").item()
-            dt = max(time.time() - t_last, 1e-9)
-            logger.log(step, {"loss": loss_val, "lr": lr, "samples_per_sec": seen * accelerator.num_processes / dt})
-            bar.set_postfix(loss=f"{loss_val:.3f}")
-            t_last, seen = time.time(), 0
-        if cfg.probe.eval_every and step % cfg.probe.eval_every == 0 and step < total:
-            r = run_eval()
-            logger.log(step, {"test_top1": r["top1"], "test_top5": r["top5"]})
-            if r["top1"] > best_top1:
-                best_top1 = r["top1"]
-                save_weights("classifier_best.safetensors")
-        if cfg.run.save_every and step % cfg.run.save_every == 0 and step < total:
-            data_state = {"batches": step * accum} if cfg.probe.cached else loader.state_dict()
-            ckpt.save(step, {"data": data_state, "best_top1": best_top1, "config": to_dict(cfg),
-                             "fingerprint": fingerprint})
-    bar.close()
+    def evaluate_hook(step: int) -> dict | None:
+        if step >= cfg.run.steps:  # the final evaluation follows the loop
+            return None
+        r = run_eval()
+        if r["top1"] > best["top1"]:
+            best["top1"] = r["top1"]
+            save_weights("classifier_best.safetensors")
+        return {"test_top1": r["top1"], "test_top5": r["top5"]}
+
+    def save(step: int, loop_state: dict):
+        position = {"batches": step * accum} if loader is None else {**loader.state_dict(), "batches": step * accum}
+        return session.ckpt.save(step, {**loop_state, "best_top1": best["top1"], "config": session.config,
+                                        "fingerprint": fingerprint, "loader": position})
+
+    loop = TrainLoop(accelerator=accelerator, model=head, optimizer=optimizer, step_fn=step_fn, batches=batches,
+                     run=cfg.run, optim=cfg.optim, peak_lr=cfg.optim.peak_lr(global_batch), global_batch=global_batch,
+                     metrics=session.metrics, save=save, hooks=[Hook(cfg.probe.eval_every, evaluate_hook)],
+                     desc=f"linprobe ({path_used})")
+    done = loop.fit(session.start_step, session.state)
+    if done.stopped_by:
+        if accelerator.is_main_process:
+            print(f"[linprobe] stopped by {done.stopped_by} at step {done.step}; checkpoint saved in "
+                  f"{done.checkpoint}. Re-run the same command to resume.", flush=True)
+        session.metrics.close()
+        return {"step": done.step, "stopped_by": done.stopped_by, "run_dir": str(run_dir)}
 
     result = run_eval()
-    logger.log(step, {"test_top1": result["top1"], "test_top5": result["top5"], "test_loss": result["loss"]})
+    session.metrics.log(done.step, {"test_top1": result["top1"], "test_top5": result["top5"],
+                                    "test_loss": result["loss"]})
     save_weights("classifier_last.safetensors")
-    if result["top1"] > best_top1 or not (run_dir / "classifier_best.safetensors").exists():
-        best_top1 = max(best_top1, result["top1"])
+    if result["top1"] > best["top1"] or not (run_dir / "classifier_best.safetensors").exists():
+        best["top1"] = max(best["top1"], result["top1"])
         save_weights("classifier_best.safetensors")
     summary = {"top1": result["top1"], "top5": result["top5"], "n_images": result["n_images"],
-               "loss": result["loss"], "best_top1": best_top1, "task": "linprobe", "path": path_used,
-               "pool": cfg.pool, "steps": step, "global_batch": cfg.data.batch_size, "peak_lr": peak_lr,
-               "encoder": source.describe(), "data": f"{cfg.data.path}:{cfg.data.test_split}",
-               "num_classes": num_classes, "world_size": accelerator.num_processes}
+               "loss": result["loss"], "best_top1": best["top1"], "task": "linprobe", "path": path_used,
+               "pool": cfg.pool, "steps": done.step, "global_batch": global_batch,
+               "peak_lr": cfg.optim.peak_lr(global_batch), "encoder": source.describe(),
+               "data": f"{cfg.data.path}:{cfg.data.test_split}", "num_classes": num_classes, "world_size": world}
     write_eval_json(run_dir / "eval.json", summary, accelerator)
     if accelerator.is_main_process:
-        print(f"[linprobe] {path_used} path, {step} steps: top1 {result['top1']:.2f}  top5 {result['top5']:.2f}  "
+        print(f"[linprobe] {path_used} path, {done.step} steps: top1 {result['top1']:.2f}  top5 {result['top5']:.2f}  "
               f"on {result['n_images']} images -> {run_dir / 'eval.json'}")
     accelerator.wait_for_everyone()
-    logger.close()
+    session.metrics.close()
     return summary
 
 

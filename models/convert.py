@@ -16,11 +16,6 @@ import pickle
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: import the package, not the sibling files
-    _root = str(Path(__file__).resolve().parents[1])
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-    sys.path.insert(0, _root)
-
 import torch
 from safetensors.torch import load_file, save_file
 

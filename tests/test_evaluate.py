@@ -12,7 +12,7 @@ from test_linprobe import COMMON, N_TEST, TINY_ENC, make_tiny_dataset, make_tiny
 
 
 def test_topk_hand_worked():
-    from finetune.topk import AccuracyMeter, topk_correct
+    from finetune.evaluation import AccuracyMeter, topk_correct
 
     logits = torch.tensor([[0.1, 0.9, 0.0],   # label 1: top-1 hit
                            [0.5, 0.2, 0.3],   # label 2: 2nd -> top-1 miss, top-2 hit

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from test_linprobe import COMMON, N_TEST, TINY_ENC, launch_two, make_tiny_dataset, make_tiny_encoder
 
-FT = ["run.trackers=none", "run.progress=false", "data.num_workers=0", "data.batch_size=8", "data.eval_batch_size=4",
+FT = ["run.trackers=none", "run.progress=false", "data.num_workers=0", "data.global_batch=8", "data.eval_batch_size=4",
       "run.log_every=2", "optim.warmup_steps=1", "model.drop_path_rate=0.1"]
 
 
@@ -126,7 +126,7 @@ def test_bad_inputs_fail_before_training(tiny):
     assert "encoder file not found" in _bad(tiny, f"encoder={tiny['base'] / 'missing.pth'}")
     assert "num_classes=10" in _bad(tiny, "num_classes=10")
     assert "no labels" in _bad(tiny, "data.test_split=nolabels")
-    assert "even per-process batch" in _bad(tiny, "data.batch_size=7")
+    assert "even micro-batch" in _bad(tiny, "data.global_batch=7")
     corrupt = tiny["base"] / "corrupt.safetensors"
     corrupt.write_bytes(b"not a checkpoint")
     assert "cannot read encoder checkpoint" in _bad(tiny, f"encoder={corrupt}")

@@ -8,6 +8,7 @@ test_evaluate.py (`from test_linprobe import ...`; no shared helper module exist
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -67,7 +68,7 @@ def make_tiny_encoder(out: Path, seed: int = 0, **overrides) -> Path:
     return save_encoder(enc.state_dict(), out, encoder_cfg=cfg)
 
 
-COMMON = ["run.trackers=none", "run.progress=false", "data.num_workers=0", "data.batch_size=8",
+COMMON = ["run.trackers=none", "run.progress=false", "data.num_workers=0", "data.global_batch=8",
           "data.eval_batch_size=4", "run.log_every=2"]
 
 
@@ -117,8 +118,8 @@ def _mocov3_lars_step(params, grads, bufs, lr, momentum=0.9, trust=1e-3):
 
 
 def test_lars_matches_mocov3_reference():
-    from finetune.probe_model import ProbeHead
-    from finetune.probe_optim import build_lars
+    from finetune.probe import ProbeHead
+    from finetune.probe import build_lars
 
     torch.manual_seed(0)
     head = ProbeHead(6, 4).double()
@@ -137,7 +138,7 @@ def test_lars_matches_mocov3_reference():
 
 
 def test_probe_model_frozen_encoder_and_head_init():
-    from finetune.probe_model import ProbeClassifier
+    from finetune.probe import ProbeClassifier
     from models.vit import create_encoder
 
     torch.manual_seed(0)
@@ -309,8 +310,9 @@ def test_linprobe_cached_resume_is_exact(tiny):
             "run.save_every=3", "optim.warmup_steps=1", "optim.grad_accum_steps=2", *COMMON]
     main(args)
     full = load_file(str(run / "classifier_last.safetensors"))
-    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step_000003"]
-    main(args)  # resumes at step 3 (the run's end is not a checkpoint): steps 4-6 again
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step_000003", "step_000006"]
+    shutil.rmtree(run / "checkpoints" / "step_000006")  # as if killed after step 3's checkpoint
+    main(args)  # resumes at step 3: steps 4-6 again
     resumed = load_file(str(run / "classifier_last.safetensors"))
     for k in full:
         torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=1e-7, msg=k)

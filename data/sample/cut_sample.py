@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import tarfile
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from data.make_shards import write_shards
 
-from data.make_shards import write_shards  # noqa: E402
-
-ARCHIVE = "/work/shared/datasets/cifar10-jpg.tar.gz"
+# the CIFAR-10 JPEG tarball in the shared/ folder beside the checkout (override with --archive)
+ARCHIVE = str(Path(__file__).resolve().parents[3] / "shared" / "datasets" / "cifar10-jpg.tar.gz")
 HERE = Path(__file__).resolve().parent
 PLAN = {"train": (400, 4), "test": (100, 2)}  # split -> (images per class, shards)
 SIZE_LIMIT = 5_000_000

@@ -1,12 +1,19 @@
-"""Top-k accuracy over exactly the valid samples of a split, summed across ranks.
+"""Evaluation of a classifier over a split: top-k accuracy over exactly the split's images, and eval.json.
 
-The eval loader pads ranks to equal batch counts and marks real samples with `valid`; only those are counted, so
-`n_images` equals the split size whatever the number of processes.
+The eval loader pads ranks to equal batch counts and marks real samples with `valid`; only those are counted and the
+hits are summed across ranks, so `n_images` equals the split size whatever the number of processes.
+`evaluate_model` runs one pass; `write_eval_json` writes the result on the main process, atomically.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import torch
+import torch.nn.functional as F
+from tqdm import tqdm
 
 from launch.config import ConfigError
 
@@ -52,3 +59,37 @@ class AccuracyMeter:
         out["n_images"] = n
         out["loss"] = both[-1].item() / n if n else float("nan")
         return out
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, batches, accelerator, *, total: int | None = None, progress: bool = True,
+                   desc: str = "eval") -> dict:
+    """`{"top1", "top5", "n_images", "loss"}` of `model` (logits from `model(images)`) over `batches`, device batches
+    of the eval stream (`data.device_input.device_batches`): "image", "label", "valid"."""
+    was_training = model.training
+    model.eval()
+    meter = AccuracyMeter(device=accelerator.device)
+    show = progress and accelerator.is_main_process
+    for batch in tqdm(batches, desc=desc, disable=not show, total=total, leave=False):
+        with accelerator.autocast():
+            logits = model(batch["image"])
+        logits = logits.float()
+        labels = batch["label"]
+        loss = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
+        meter.update(logits, labels, batch.get("valid"), loss)
+    model.train(was_training)
+    return meter.compute(accelerator)
+
+
+def write_eval_json(path: str | Path, result: dict, accelerator=None) -> None:
+    if accelerator is not None and not accelerator.is_main_process:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+
+__all__ = ["topk_correct", "AccuracyMeter", "evaluate_model", "write_eval_json"]
