@@ -1,25 +1,28 @@
-"""Measure the data pipeline: training-loader images/s (decode + augment) and shard-writer images/s.
+"""CPU cost of the training loader per image: the PIL float path against the uint8 path, side by side in one run.
 
-    python benchmarks/loader_throughput.py --out benchmarks/results/loader.json
+    OMP_NUM_THREADS=1 python benchmarks/loader_throughput.py --out benchmarks/results/loader.json
 
-Cases: 32 px JPEGs (the shipped sample, data/sample) and 224-500 px JPEGs (CIFAR-10 upscaled, written to /tmp),
-pretraining augmentation, in-process (CPU time per image, robust to other load) and with 1 and 2 DataLoader
-workers, with and without PIL draft (reduced-size JPEG decode); plus decode alone, with and without draft.
-Each case times `--batches` batches after `--warmup` batches (worker start-up excluded). Writer: CIFAR-10 train
-(50,000 JPEGs) from an unpacked ImageFolder into /tmp. Prints a table and writes JSON.
+Data: photo-like 256-500 px JPEG shards made by benchmarks/make_bench_shards.py from the shipped sample (once, under
+--scratch), the same images pre-resized to shorter side 256 (`--resize 256`), and the shipped 32 px sample.
+Paths (MAE pretraining augmentation, RandomResizedCrop(scale 0.2-1) + flip, same crop and flip draws):
+- "PIL float": PIL decode + bicubic crop + ToTensor + Normalize, float32 batches (the old default);
+- "uint8": crop-aware reduced decode / libjpeg-turbo `decode_jpeg` + antialiased bicubic on uint8 tensors, uint8
+  batches (data/resized_crop.py), normalised later on the device.
+Each case runs the real loader in this process (`build_train_loader`, num_workers=0: shard reading, shuffling,
+per-sample seeding, decode, augmentation and collation all counted) and reports CPU ms per image
+(`time.process_time`, so other processes' load counts less than in wall time). The two paths are timed in
+alternating rounds (A B A B ...) so changing machine load hits both alike; the median round is reported, with the
+spread. `--workers-check` adds wall-clock img/s through one worker process (the cost of handing batches over).
+Decode alone (PIL vs decode_jpeg, full size) is timed too. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
-import json
 import os
 import platform
-import random
-import shutil
+import statistics
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -28,134 +31,141 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import PIL  # noqa: E402
 import torch  # noqa: E402
+import torchvision  # noqa: E402
 import webdataset as wds  # noqa: E402
-from PIL import Image  # noqa: E402
 
-from data.make_shards import write_shards  # noqa: E402
+from benchmarks import make_bench_shards  # noqa: E402
+from benchmarks.common import machine_info, print_table, write_json  # noqa: E402
+from data.decode import decode_image, load_image, uint8_pixels  # noqa: E402
+from data.info import resolve  # noqa: E402
 from data.train_stream import build_train_loader  # noqa: E402
-from data.transforms import CIFAR10_MEAN, CIFAR10_STD, pretrain_transform  # noqa: E402
+from data.transforms import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, pretrain_transform  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-ARCHIVE = "/work/shared/datasets/cifar10-jpg.tar.gz"
+TARGETS_MS = {"photo-like 256-500 px -> 224": 1.2, "pre-resized 256 -> 224": 0.8}  # issue 13, per core
 
 
-def make_large_jpegs(out: Path, n: int, archive: str, seed: int = 0) -> Path:
-    """n CIFAR-10 images upscaled (bicubic) to random sizes of 224-500 px per side, JPEG quality 90, as shards."""
-    if (out / "dataset.json").exists():
-        return out
-    rng = random.Random(seed)
-    src = out.parent / (out.name + "-src")
-    src.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive, "r:gz") as tar:
-        k = 0
-        for m in tar:
-            if not m.name.endswith(".jpg") or "/train/" not in f"/{m.name}":
-                continue
-            img = Image.open(tar.extractfile(m)).convert("RGB")
-            size = (rng.randint(224, 500), rng.randint(224, 500))
-            img.resize(size, Image.Resampling.BICUBIC).save(src / f"{k:05d}.jpg", quality=90)
-            k += 1
-            if k == n:
-                break
-    write_shards(src, out, split="train", shard_size=max(1, n // 8), workers=1, progress=False)
-    shutil.rmtree(src)
+def ensure_shards(scratch: Path, images: int, resize: int | None) -> str:
+    out = scratch / (f"photo-{images}" + (f"-r{resize}" if resize else ""))
+    argv = ["--output", str(out), "--images", str(images), "--shards", "4", "--workers", "1"]
+    make_bench_shards.main(argv + (["--resize", str(resize)] if resize else []))
+    return str(out)
+
+
+def _loader(spec, img_size, mean, std, output, batch_size, workers=0):
+    tf = pretrain_transform(img_size, mean, std, output=output)
+    return build_train_loader(spec, batch_size=batch_size, transform=tf, seed=0, num_workers=workers,
+                              shuffle_buffer=64)
+
+
+def time_paths(spec, img_size, mean, std, batch_size, warmup, batches, rounds) -> dict[str, dict]:
+    """CPU ms/img of each path, `rounds` alternating rounds of `batches` batches (after `warmup`)."""
+    its = {out: iter(_loader(spec, img_size, mean, std, out, batch_size)) for out in ("float", "uint8")}
+    for it in its.values():
+        for _ in range(warmup):
+            next(it)
+    per_round: dict[str, list[float]] = {k: [] for k in its}
+    for _ in range(rounds):
+        for name, it in its.items():
+            c0 = time.process_time()
+            for _ in range(batches):
+                batch = next(it)
+            per_round[name].append(1000 * (time.process_time() - c0) / (batches * batch_size))
+            per_round[name + "_dtype"] = str(batch["image"].dtype)
+    return {name: {"cpu_ms_per_image": statistics.median(v), "min": min(v), "max": max(v), "rounds": v,
+                   "batch_dtype": per_round[name + "_dtype"]}
+            for name, v in per_round.items() if not name.endswith("_dtype")}
+
+
+def time_workers(spec, img_size, mean, std, batch_size, warmup, batches) -> dict[str, float]:
+    """Wall img/s through one worker process per path (includes handing the batches to the main process)."""
+    out = {}
+    for path in ("float", "uint8"):
+        it = iter(_loader(spec, img_size, mean, std, path, batch_size, workers=1))
+        for _ in range(warmup):
+            next(it)
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            next(it)
+        out[path] = batches * batch_size / (time.perf_counter() - t0)
+        del it
     return out
 
 
-def time_loader(spec, img_size, mean, std, num_workers, decode_size, batch_size, warmup, batches) -> dict:
-    loader = build_train_loader(spec, batch_size=batch_size, transform=pretrain_transform(img_size, mean, std),
-                                seed=0, num_workers=num_workers, shuffle_buffer=256, decode_size=decode_size)
-    it = iter(loader)
-    for _ in range(warmup):
-        next(it)
-    t0, c0 = time.perf_counter(), time.process_time()
-    for _ in range(batches):
-        next(it)
-    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-    del it
-    total = batches * batch_size / dt
-    out = {"images_per_sec": total, "per_worker": total / max(1, num_workers), "seconds": dt}
-    if num_workers == 0:  # all work in this process: CPU time per image, robust to other load on the machine
-        out["cpu_ms_per_image"] = 1000 * cpu / (batches * batch_size)
+def time_decode(spec: str, limit: int = 200) -> dict:
+    """CPU ms per image to decode at full size: PIL (load) vs torchvision decode_jpeg (the uint8 path's decoder)."""
+    samples = list(wds.DataPipeline(wds.SimpleShardList(resolve(spec).urls), wds.tarfile_to_samples()))[:limit]
+    out = {"images": len(samples), "mean_kb": sum(len(s["jpg"]) for s in samples) / len(samples) / 1e3}
+    for name, fn in (("pil", lambda s: load_image(decode_image(s))),
+                     ("decode_jpeg", lambda s: uint8_pixels(decode_image(s)))):
+        fn(samples[0])
+        c0 = time.process_time()
+        for s in samples:
+            fn(s)
+        out[f"{name}_ms"] = 1000 * (time.process_time() - c0) / len(samples)
     return out
-
-
-def time_decode(spec: str, draft: int | None, repeats: int = 3) -> dict:
-    """CPU time to decode every image of the split (no augmentation), in this process."""
-    from data.decode import decode_image
-    from data.info import resolve
-
-    samples = list(wds.DataPipeline(wds.SimpleShardList(resolve(spec).urls), wds.tarfile_to_samples()))
-    c0 = time.process_time()
-    for _ in range(repeats):
-        sizes = [decode_image(s, draft).size for s in samples]
-    cpu = time.process_time() - c0
-    mean_px = sum(w * h for w, h in sizes) / len(sizes)
-    return {"cpu_ms_per_image": 1000 * cpu / (repeats * len(samples)), "mean_decoded_pixels": mean_px}
-
-
-def time_writer(cifar_train: Path, out: Path, workers: int) -> dict:
-    shutil.rmtree(out, ignore_errors=True)
-    res = write_shards(cifar_train, out, split="train", shard_size=10000, workers=workers, progress=False)
-    size = sum(f.stat().st_size for f in out.iterdir())
-    shutil.rmtree(out, ignore_errors=True)
-    return {"images": res["num_samples"], "seconds": res["seconds"], "images_per_sec": res["images_per_sec"],
-            "bytes": size}
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "loader.json"))
-    p.add_argument("--scratch", default="/tmp/tessera-bench", help="folder for generated shards")
-    p.add_argument("--cifar", default="/tmp/cifar10", help="unpacked CIFAR-10 ImageFolder (train/, test/)")
-    p.add_argument("--archive", default=ARCHIVE)
-    p.add_argument("--workers", default="0,1,2",
-                   help="DataLoader worker counts to try (0: in-process, also gives CPU ms/img)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--warmup", type=int, default=4)
-    p.add_argument("--batches", type=int, default=20)
-    p.add_argument("--large-images", type=int, default=400)
-    p.add_argument("--skip-writer", action="store_true")
+    p.add_argument("--scratch", default="/tmp/tessera-bench", help="folder for the generated shards")
+    p.add_argument("--images", type=int, default=300, help="photo-like images to generate")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--batches", type=int, default=2, help="batches per path per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--cases", default="photo,resized,sample", help="comma list of photo, resized, sample")
+    p.add_argument("--workers-check", action="store_true", help="also time one worker process per path (wall)")
     args = p.parse_args(argv)
     scratch = Path(args.scratch)
-    workers = [int(w) for w in args.workers.split(",")]
+    wanted = args.cases.split(",")
+    cases = []
+    if "photo" in wanted:
+        cases.append(("photo-like 256-500 px -> 224", ensure_shards(scratch, args.images, None), args.img_size,
+                      IMAGENET_MEAN, IMAGENET_STD))
+    if "resized" in wanted:
+        cases.append(("pre-resized 256 -> 224", ensure_shards(scratch, args.images, 256), args.img_size,
+                      IMAGENET_MEAN, IMAGENET_STD))
+    if "sample" in wanted:
+        cases.append(("32 px sample -> 32", str(ROOT / "data" / "sample"), 32, CIFAR10_MEAN, CIFAR10_STD))
 
-    large = make_large_jpegs(scratch / "jpeg224-500", args.large_images, args.archive)
-    cases = [("32px sample", str(ROOT / "data" / "sample"), 32, CIFAR10_MEAN, CIFAR10_STD, None),
-             ("224-500px, full decode", str(large), 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), None),
-             ("224-500px, draft>=224", str(large), 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 224),
-             ("224-500px, draft>=112", str(large), 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 112)]
-    results = {"loader": [], "writer": []}
-    print(f"{'case':28s} {'workers':>7s} {'img/s':>9s} {'img/s/worker':>13s} {'CPU ms/img':>11s}")
-    for (name, spec, size, mean, std, draft), nw in itertools.product(cases, workers):
-        r = time_loader(spec, size, mean, std, nw, draft, args.batch_size, args.warmup, args.batches)
-        results["loader"].append({"case": name, "workers": nw, "img_size": size, "decode_size": draft, **r})
-        cpu = f"{r['cpu_ms_per_image']:11.2f}" if "cpu_ms_per_image" in r else f"{'':11s}"
-        print(f"{name:28s} {nw:7d} {r['images_per_sec']:9.0f} {r['per_worker']:13.0f} {cpu}", flush=True)
-
-    for draft in (None, 224, 112):
-        r = time_decode(str(large), draft)
-        results.setdefault("decode", []).append({"case": "224-500px decode only", "decode_size": draft, **r})
-        print(f"decode only 224-500px, draft {draft}: {r['cpu_ms_per_image']:.2f} CPU ms/img, "
-              f"mean {r['mean_decoded_pixels']:.0f} decoded pixels", flush=True)
-
-    if not args.skip_writer:
-        cifar_train = Path(args.cifar) / "train"
-        if not cifar_train.is_dir():
-            raise SystemExit(f"unpacked CIFAR-10 not found at {cifar_train} (see /work/shared/datasets/README.md)")
-        for w in [w for w in workers if w > 0]:
-            r = time_writer(cifar_train, scratch / "writer-out", w)
-            results["writer"].append({"workers": w, **r})
-            print(f"writer CIFAR-10 train, {w} process(es): {r['images']} images in {r['seconds']:.1f} s = "
-                  f"{r['images_per_sec']:.0f} images/s ({r['bytes'] / 1e6:.0f} MB)", flush=True)
-
-    results["env"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                      "pillow": PIL.__version__, "webdataset": getattr(wds, "__version__", "1.0.2"),
-                      "batch_size": args.batch_size, "batches": args.batches, "machine": platform.machine(),
-                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    load_before = os.getloadavg()
+    rows, results = [], {"cases": []}
+    for name, spec, size, mean, std in cases:
+        res = time_paths(spec, size, mean, std, args.batch_size, args.warmup, args.batches, args.rounds)
+        entry = {"case": name, "spec": spec, "img_size": size, **{k: v for k, v in res.items()}}
+        if size != 32:
+            entry["decode"] = time_decode(spec)
+        if args.workers_check:
+            entry["one_worker_img_s"] = time_workers(spec, size, mean, std, args.batch_size, args.warmup,
+                                                     args.batches)
+        results["cases"].append(entry)
+        old, new = res["float"]["cpu_ms_per_image"], res["uint8"]["cpu_ms_per_image"]
+        rows.append({"case": name, "old": old, "old_spread": f"{res['float']['min']:.2f}-{res['float']['max']:.2f}",
+                     "new": new, "new_spread": f"{res['uint8']['min']:.2f}-{res['uint8']['max']:.2f}",
+                     "speedup": old / new, "target": TARGETS_MS.get(name),
+                     "decode_pil": entry.get("decode", {}).get("pil_ms"),
+                     "decode_tv": entry.get("decode", {}).get("decode_jpeg_ms"),
+                     "kb": entry.get("decode", {}).get("mean_kb")})
+    load_after = os.getloadavg()
+    table = print_table(rows, [("case", "case"), ("old", "PIL float ms/img"), ("old_spread", "(min-max)"),
+                               ("new", "uint8 ms/img"), ("new_spread", "(min-max)"), ("speedup", "old/new"),
+                               ("target", "target ms/img"), ("kb", "mean JPEG KB"),
+                               ("decode_pil", "decode PIL ms"), ("decode_tv", "decode_jpeg ms")],
+                        title=f"CPU ms per image, one core, {args.rounds} alternating rounds x {args.batches} "
+                              f"batches of {args.batch_size}")
+    if args.workers_check:
+        print_table([{"case": e["case"], **{f"w_{k}": v for k, v in e["one_worker_img_s"].items()}}
+                     for e in results["cases"]],
+                    [("case", "case"), ("w_float", "1 worker img/s, PIL float"), ("w_uint8", "1 worker img/s, uint8")])
+    results["table"] = table
+    results["env"] = {**machine_info(torch.device("cpu")), "pillow": PIL.__version__,
+                      "torchvision": torchvision.__version__, "loadavg_before": load_before,
+                      "loadavg_after": load_after, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                      "platform": platform.platform(), "args": vars(args)}
+    write_json(args.out, results)
     return results
 
 

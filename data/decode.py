@@ -23,6 +23,7 @@ from PIL import Image
 from torchvision.io import decode_jpeg
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
+FORMAT_OF_KEY = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 # attribute of an unloaded JPEG from decode_image holding its encoded bytes (PIL images take extra attributes)
 ENCODED = "tessera_encoded"
 # DCT-scaled decoding stops while the region is still this many times the output size, and the antialiased resize
@@ -38,6 +39,17 @@ def _where(sample: dict) -> str:
     return f"sample {sample.get('__key__')!r} ({sample.get('__url__')})"
 
 
+def _open(data: bytes, key: str) -> Image.Image:
+    """PIL's lazy open, trying the format the key names first (probing every plugin costs ~0.07 ms per image)."""
+    guess = FORMAT_OF_KEY.get(key)
+    if guess:
+        try:
+            return Image.open(io.BytesIO(data), formats=[guess])
+        except Image.UnidentifiedImageError:
+            pass  # mislabelled file: let PIL identify it
+    return Image.open(io.BytesIO(data))
+
+
 def decode_image(sample: dict, draft_size: int | None = None) -> Image.Image:
     """The sample's image as RGB. Without `draft_size` an RGB JPEG comes back unloaded (see the module docstring);
     with it, JPEGs are decoded at once at the smallest 1/2^k scale whose both sides are still >= draft_size (PIL
@@ -47,7 +59,7 @@ def decode_image(sample: dict, draft_size: int | None = None) -> Image.Image:
         raise CorruptSample(f"sample {sample.get('__key__')!r} has no image (keys: {sorted(sample)})")
     data = sample[key]
     try:
-        img = Image.open(io.BytesIO(data))
+        img = _open(data, key)
         if img.format == "JPEG" and img.mode == "RGB" and not draft_size:
             setattr(img, ENCODED, bytes(data))
             return img
