@@ -39,6 +39,7 @@ from launch.param_groups import build_adamw, param_groups
 from launch.sections import resolve_batch
 from launch.session import open_session
 from models.classifier import create_classifier, load_encoder_into
+from models.compile import compile_blocks, compile_enabled
 
 PROG = "finetune/classify.py"
 
@@ -101,6 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     optimizer = build_adamw(param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay), cfg.optim,
                             deepspeed=deepspeed)
+    if compile_enabled(cfg.run.compile, device):
+        compile_blocks(model)  # regional: each transformer block
     model, optimizer = accelerator.prepare(model, optimizer)
     ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.ema.decay, use_warmup=cfg.ema.warmup) \
         if cfg.ema.enabled else None

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from launch.config import ConfigError
+from models.vit import ENCODER_KEYS
 
-ENCODER_KEYS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
 # Head counts of published ViTs whose width is not 64 per head (ViT-H/14: 1280 wide, 16 heads).
 _KNOWN_HEADS = {(1280, 32): 16}
 

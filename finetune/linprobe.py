@@ -38,6 +38,7 @@ from launch.loop import Hook, TrainLoop
 from launch.sections import resolve_batch
 from launch.session import open_session
 from models.classifier import load_encoder_into
+from models.compile import compile_blocks, compile_enabled
 from models.vit import create_encoder
 
 PROG = "finetune/linprobe.py"
@@ -101,6 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     mean, std = norm_stats(cfg.data.mean, cfg.data.std, train_info)
     img_size = enc_cfg["img_size"] if isinstance(enc_cfg["img_size"], int) else enc_cfg["img_size"][0]
     model = ProbeClassifier(encoder, num_classes, pool=cfg.pool).to(device)
+    if compile_enabled(cfg.run.compile, device):
+        compile_blocks(model.encoder)  # the frozen encoder's forward dominates extraction and the augmented path
     if accelerator.is_main_process:
         for note in source.notes:
             print(f"[linprobe] note: {note}")

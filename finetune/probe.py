@@ -39,7 +39,7 @@ class ProbeClassifier(nn.Module):
         self.encoder.requires_grad_(False)
         self.encoder.eval()
 
-    def train(self, mode: bool = True) -> "ProbeClassifier":
+    def train(self, mode: bool = True) -> ProbeClassifier:
         super().train(mode)
         self.encoder.eval()  # frozen: no dropout / drop path, ever
         return self

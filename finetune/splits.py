@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from launch.config import ConfigError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def split_spec(path: str, split: str) -> str:
@@ -56,4 +54,4 @@ def norm_stats(mean, std, info) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return m, s
 
 
-__all__ = ["split_spec", "labelled_split", "check_same_classes", "norm_stats", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["split_spec", "labelled_split", "check_same_classes", "norm_stats"]

@@ -76,7 +76,7 @@ class TrainLoop:
         device, accum = acc.device, optim.grad_accum_steps
         deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
         params = [p for p in self.model.parameters() if p.requires_grad]
-        guard = None if deepspeed else NonFiniteGuard(self.optimizer, acc.scaler)
+        guard = None if deepspeed else NonFiniteGuard(self.optimizer, acc.scaler, self.model)
         stop = StopFlag(acc.num_processes)
         # counters live on the device and are read at log and save steps only
         nf_total = torch.tensor(float(state.get("nonfinite_total", 0)), device=device)
@@ -93,6 +93,8 @@ class TrainLoop:
                        min_lr=optim.min_lr)
             apply_lr(self.optimizer, lr)
             loss_sum, skip_ds = torch.zeros((), device=device), False
+            if guard is not None:
+                guard.begin()
             for micro in range(accum):
                 batch = next(self.batches)
                 with acc.accumulate(self.model):  # no gradient all-reduce until the last micro-step

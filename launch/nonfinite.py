@@ -9,6 +9,8 @@ update is skipped depends on the optimizer, because only some of torch's impleme
   step, and put the snapshot back where `bad` (`torch.where`, on the device). State created by a skipped first
   step is zeroed, which for momentum and Adam moments is the same as never having stepped. Costs one copy of the
   trained parameters and their state: cheap for a probe head, use fused AdamW for big models (the entry points do).
+Floating buffers that the forward pass updates (BatchNorm running statistics) are restored the same way in every mode:
+`begin()` copies them before the step's forward, `step(bad)` puts them back where `bad`.
 Written by hand: torch has the `found_inf` protocol only inside GradScaler and the fused kernels.
 """
 
@@ -32,12 +34,23 @@ def honours_found_inf(optimizer: torch.optim.Optimizer) -> bool:
 class NonFiniteGuard:
     """`step(bad)`: an optimizer step that leaves weights and state unchanged where `bad` (a device tensor) is true."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, scaler=None):
+    def __init__(self, optimizer: torch.optim.Optimizer, scaler=None, model: torch.nn.Module | None = None):
         self.optimizer = optimizer
         self.inner = _inner(optimizer)
         self.mode = "scaler" if scaler is not None else "found_inf" if honours_found_inf(optimizer) else "snapshot"
+        self.buffers = [b for b in model.buffers() if b.is_floating_point()] if model is not None else []
+        self._saved_buffers: list[Tensor] = []
+
+    def begin(self) -> None:
+        """Call before the step's forward passes: keeps the buffers they may update."""
+        self._saved_buffers = [b.detach().clone() for b in self.buffers]
 
     def step(self, bad: Tensor) -> None:
+        if self._saved_buffers:
+            with torch.no_grad():
+                for b, old in zip(self.buffers, self._saved_buffers):
+                    b.copy_(torch.where(bad, old, b))
+            self._saved_buffers = []
         if self.mode == "scaler":  # GradScaler skips non-finite gradients itself (and lowers its scale)
             self.optimizer.step()
         elif self.mode == "found_inf":

@@ -1,6 +1,6 @@
 """Key mapping between Hugging Face ViTMAE state dicts and the official MAE / timm names.
 
-HF spellings accepted (see docs/REFERENCE-MAE.md section 5.3):
+HF spellings accepted (transformers' modeling_vit_mae, v4 and v5 layouts):
 - v4 and hub files: `vit.encoder.layer.i.attention.attention.{query,key,value}`, `...attention.output.dense`,
   `...intermediate.dense`, `...output.dense`, `...layernorm_{before,after}`; decoder `decoder.decoder_layers.j.*`;
 - v5 in memory: `vit.layers.i.attention.{q,k,v,o}_proj`, `...mlp.fc{1,2}`;

@@ -31,14 +31,11 @@ from launch.loop import Hook, NonFiniteLossError, TrainLoop
 from launch.param_groups import build_adamw, param_groups
 from launch.sections import resolve_batch
 from launch.session import open_session
+from models.compile import compile_blocks, compile_enabled
 from models.convert import save_encoder, to_encoder_state_dict
 from models.flops import mae_flops_per_image
 from models.variants import create_mae
-
-try:  # the pictures package is being split out of launch/
-    from pictures.recon_grid import save_reconstruction_grid
-except ImportError:
-    from launch.recon_grid import save_reconstruction_grid
+from pictures.recon_grid import save_reconstruction_grid
 from pretrain.config import PretrainConfig
 
 PROG = "pretrain/mae.py"
@@ -137,8 +134,8 @@ def train(cfg: PretrainConfig) -> dict:
     peak_lr = cfg.optim.peak_lr(global_batch)
     optimizer = build_adamw(param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay), cfg.optim,
                             deepspeed=deepspeed)
-    if cfg.run.compile:
-        model = torch.compile(model)
+    if compile_enabled(cfg.run.compile, device):
+        compile_blocks(model)  # regional: each transformer block, a short cold start
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
 

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from launch.metrics import read_metrics as read_metrics_file
+
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
@@ -86,16 +88,8 @@ def run(cmd: list[str], timeout: float = 180, **env_extra: str) -> subprocess.Co
 
 
 def read_metrics(run_dir) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return out
+    """The records of RUN_DIR/metrics.jsonl (the project's reader; a cut-short last line is skipped)."""
+    return read_metrics_file(Path(run_dir) / "metrics.jsonl")
 
 
 def wait_for_step(proc: subprocess.Popen, step: int) -> int:

@@ -106,6 +106,26 @@ def test_corrupt_and_truncated_become_invalid_placeholders(tmp_path):
     assert [len(b) for b in per_rank] == [5, 5]  # as without damage: ranks hold 17 and 18 samples, batch 4
 
 
+@pytest.mark.parametrize("world_size,num_workers", [(1, 0), (2, 2)])
+def test_each_lost_sample_is_counted_exactly_once(tmp_path, world_size, num_workers):
+    """Issue 12 item 10: a truncated shard's lost samples counted once (not once more for the read error), in the
+    running total and in the per-entry `corrupt` mask; valid + corrupt entries = the split's recorded size."""
+    _write(tmp_path, SIZES, corrupt={4, 20})
+    shard = tmp_path / "val-000003.tar"  # samples 21..25
+    shard.write_bytes(shard.read_bytes()[:4000])
+    per_rank = _run(f"{tmp_path}:val", world_size, num_workers)
+    seen, corrupt, running = [], [], 0
+    for batches in per_rank:
+        running += batches[-1]["n_corrupt"]
+        for b in batches:
+            assert not (b["corrupt"] & b["valid"]).any() and (b["index"][b["corrupt"]] >= 0).all()  # never padding
+            seen += b["index"][b["valid"]].tolist()
+            corrupt += b["index"][b["corrupt"]].tolist()
+    lost = set(range(35)) - set(seen)
+    assert sorted(corrupt) == sorted(lost) and len(lost) >= 4
+    assert running == len(lost)
+
+
 def test_pattern_without_dataset_json_counts_shards(tmp_path):
     _write(tmp_path, [4, 6], with_json=False)
     loader = build_eval_loader(str(tmp_path / "val-{000000..000001}.tar"), batch_size=3, transform=TRANSFORM)

@@ -192,6 +192,41 @@ def test_corrupt_sample_and_truncated_shard_are_skipped_and_counted(tmp_path):
     assert _same(batches[5:], _take(tmp_path, 7, start_batch=5, **kw))  # resume stays exact
 
 
+def test_truncated_shard_lost_samples_are_counted_once(tmp_path):
+    """Issue 12 item 10: one pass over 3 shards (18 samples, 6 batches of 3); n_corrupt = the 2 bad JPEGs + the
+    samples the truncated shard lost, no extra count for the read error that cut it short."""
+    _write(tmp_path, [6, 6, 6], corrupt={"s0x2", "s1x4"})
+    shard2 = tmp_path / "train-000002.tar"
+    shard2.write_bytes(shard2.read_bytes()[:5000])  # truncated mid-sample
+    batches = _take(tmp_path, 6, num_workers=0, shuffle_buffer=0, batch_size=3)
+    keys = {k for b in batches for k in b["key"]}
+    assert len({k for k in keys if k.startswith(("s0x", "s1x"))}) == 10  # the first two shards were read whole
+    lost = 6 - len({k for k in keys if k.startswith("s2x")})
+    assert 0 < lost < 6
+    assert batches[-1]["n_corrupt"] == 2 + lost
+
+
+def test_workers_ignore_the_stop_signals(tmp_path):
+    """Pre-emption signals go to the whole process group: a DataLoader worker must survive SIGTERM and SIGUSR1
+    (the rank saves a checkpoint first), and the stream goes on unchanged."""
+    import os
+    import signal
+
+    _write(tmp_path, [6, 6, 6, 6])
+    kw = dict(num_workers=2, shuffle_buffer=0, batch_size=3)
+    reference = _take(tmp_path, 6, **kw)
+    loader = iter(build_train_loader(tmp_path, transform=TRANSFORM, seed=0, **kw))
+    got = [next(loader)]
+    workers = loader.gi_frame.f_locals["loader"]._iterator._workers
+    assert len(workers) == 2 and all(w.is_alive() for w in workers)
+    for w in workers:
+        os.kill(w.pid, signal.SIGTERM)
+        os.kill(w.pid, signal.SIGUSR1)
+    got += [next(loader) for _ in range(5)]
+    assert all(w.is_alive() for w in workers)
+    assert _same(got, reference)
+
+
 def test_unlabelled_shards_give_label_minus_one(tmp_path):
     _write(tmp_path, [5, 5], labelled=False)
     b = _take(tmp_path, 2, shuffle_buffer=0)
