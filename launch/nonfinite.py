@@ -9,7 +9,7 @@ update is skipped depends on the optimizer, because only some of torch's impleme
   step, and put the snapshot back where `bad` (`torch.where`, on the device). State created by a skipped first
   step is zeroed, which for momentum and Adam moments is the same as never having stepped. Costs one copy of the
   trained parameters and their state: cheap for a probe head, use fused AdamW for big models (the entry points do).
-Floating buffers that the forward pass updates (BatchNorm running statistics) are restored the same way in every mode:
+Buffers that the forward pass updates (BatchNorm running statistics and counters) are restored the same way in every mode:
 `begin()` copies them before the step's forward, `step(bad)` puts them back where `bad`.
 Written by hand: torch has the `found_inf` protocol only inside GradScaler and the fused kernels.
 """
@@ -38,7 +38,7 @@ class NonFiniteGuard:
         self.optimizer = optimizer
         self.inner = _inner(optimizer)
         self.mode = "scaler" if scaler is not None else "found_inf" if honours_found_inf(optimizer) else "snapshot"
-        self.buffers = [b for b in model.buffers() if b.is_floating_point()] if model is not None else []
+        self.buffers = list(model.buffers()) if model is not None else []
         self._saved_buffers: list[Tensor] = []
 
     def begin(self) -> None:
