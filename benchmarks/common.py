@@ -1,17 +1,15 @@
-"""Shared benchmark plumbing: common CLI options, device / precision set-up, the step-timing loop, peak memory,
-FLOP counting, the matmul peak used for MFU, machine/version info, and the table + JSON writers.
+"""Benchmark plumbing: timing, FLOPs and memory (plus the CLI options, machine facts and table/JSON writers that
+report them). No training step lives here: the step benchmarks time the shared loop (benchmarks/loop_timing.py)
+and the real entry points (benchmarks/entry_loop.py).
 
-Timing method (docs: /work/.library/device/METHOD.md): warm-up steps first (compilation, allocator and cuDNN/cuBLAS
-handle creation stay out of the numbers), then every timed step is measured on its own (CUDA events on GPU, the
-host clock on CPU, where kernels run synchronously) and the median is reported with min/max as the spread.
-Inputs are random normals (never zeros) on the device, rotated over a few sets so repeated steps do not reuse one
-buffer.
+Timing method (docs: /work/.library/device/METHOD.md): warm-up first (compilation, allocator and cuDNN/cuBLAS
+handle creation stay out of the numbers), then timed windows (CUDA events or a synchronised host clock) with the
+median reported and min/max as the spread. Inputs are random normals (never zeros), rotated over a few sets.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import json
 import os
@@ -20,13 +18,14 @@ import statistics
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # --precision -> run.precision
 # docs/REFERENCE-PERFORMANCE.md: bf16 dense matmul measured on H100 ~800 TFLOP/s (spec 989).
 H100_BF16_MEASURED_TFLOPS = 800.0
 H100_BF16_SPEC_TFLOPS = 989.0
@@ -42,15 +41,14 @@ def add_common_args(p: argparse.ArgumentParser, *, variant: str, batch: int) -> 
                    help="constructor overrides for the variant, e.g. depth=2 decoder_depth=1 img_size=64")
     p.add_argument("--batch", type=int, default=batch, help="images per step")
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
-                   help="fp32, or bf16/fp16 autocast over fp32 weights (as Accelerate's mixed precision)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--steps", type=int, default=10, help="timed steps (each timed on its own; median reported)")
+                   help="fp32, or bf16/fp16 autocast over fp32 weights (Accelerate's mixed precision)")
+    p.add_argument("--compile", action="store_true", help="compile each transformer block (models/compile.py)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps, a multiple of --window")
+    p.add_argument("--window", type=int, default=1, help="steps per timed window (median window reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (the first also compiles)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:1, cpu")
+    p.add_argument("--device", default="auto", help="auto, or the device Accelerate picks (cuda, cpu) as a check")
     p.add_argument("--no-sdpa", action="store_true",
                    help="attention in math mode: timm Attention.fused_attn=False (HF: attn_implementation=eager)")
-    p.add_argument("--fused-adamw", choices=["auto", "on", "off"], default="auto",
-                   help="AdamW implementation: fused kernel (on), foreach (off); auto = fused on CUDA only")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing (model.set_grad_checkpointing)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak FLOP/s for MFU, in TFLOP/s; default 800 on CUDA bf16/fp16 (H100, measured in the "
@@ -85,81 +83,27 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def check_args(args) -> None:
-    for name in ("batch", "steps", "input_sets"):
+    for name in ("batch", "steps", "input_sets", "warmup", "window"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        raise SystemExit(f"--warmup must be >= 0, got {args.warmup}")
+    if args.steps % args.window:
+        raise SystemExit(f"--steps ({args.steps}) must be a multiple of --window ({args.window})")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    return dev
+def check_device(name: str, device: torch.device) -> torch.device:
+    """The device Accelerate chose, checked against --device (auto accepts it)."""
+    if name != "auto" and torch.device(name).type != device.type:
+        raise SystemExit(f"--device {name}: the run would use {device} (Accelerate picks CUDA when present; "
+                         f"hide GPUs with CUDA_VISIBLE_DEVICES= for a CPU run)")
+    return device
 
 
-# ------------------------------------------------------------------------------------------ precision, optim
-
-
-def autocast(device: torch.device, precision: str):
-    """Mixed-precision context (fp32 weights, bf16/fp16 compute), or a no-op for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=PRECISIONS[precision])
-
-
-def grad_scaler(device: torch.device, precision: str):
-    """torch.amp.GradScaler for fp16 (loss scaling), None otherwise."""
-    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
-
-
-def optimizer_step(loss: torch.Tensor, optimizer, scaler=None) -> None:
-    """Backward, optimizer step (through the GradScaler for fp16) and zero_grad: one training update."""
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def use_fused_adamw(device: torch.device, choice: str) -> bool:
-    return choice == "on" or (choice == "auto" and device.type == "cuda")
-
-
-def adamw(groups, device: torch.device, choice: str, lr: float = 1e-4, betas=(0.9, 0.95)) -> torch.optim.AdamW:
-    """torch AdamW: fused kernel or the foreach implementation (never the per-parameter loop)."""
-    impl = {"fused": True} if use_fused_adamw(device, choice) else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, **impl)
-
-
-def set_sdpa(model: torch.nn.Module, enable: bool) -> int:
-    """Switch timm attention between F.scaled_dot_product_attention and math mode; returns modules switched."""
-    n = 0
-    for m in model.modules():
-        if hasattr(m, "fused_attn") and isinstance(getattr(m, "fused_attn"), bool):
-            m.fused_attn = enable
-            n += 1
-    return n
-
-
-def random_batches(n_sets: int, shape: tuple, device: torch.device, seed: int) -> list[torch.Tensor]:
-    """`n_sets` standard-normal float32 tensors of `shape` on `device` (normalised-image statistics, not zeros)."""
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=g).to(device) for _ in range(n_sets)]
+# ------------------------------------------------------------------------------------------------- timing
 
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-# ------------------------------------------------------------------------------------------------- timing
 
 
 def time_steps(step: Callable[[int], None], *, steps: int, warmup: int, device: torch.device) -> dict:
@@ -197,30 +141,6 @@ def time_steps(step: Callable[[int], None], *, steps: int, warmup: int, device: 
         first = times[0] / 1e3
     return {"step_ms_median": statistics.median(times), "step_ms_min": min(times), "step_ms_max": max(times),
             "step_ms": [round(t, 3) for t in times], "window_s": window, "first_step_s": first}
-
-
-def time_interleaved(steps_by_name: dict[str, Callable[[int], None]], *, steps: int, warmup: int, rounds: int,
-                     device: torch.device) -> dict[str, dict]:
-    """Time several step functions in alternating blocks (A B A B ...), `rounds` blocks each, so that a changing
-    machine load (other processes on a shared CPU) hits all of them alike; per-name timing as `time_steps`."""
-    per_round = [steps // rounds + (1 if r < steps % rounds else 0) for r in range(rounds)]
-    merged: dict[str, dict] = {}
-    for r, k in enumerate(per_round):
-        if k == 0:
-            continue
-        for name, step in steps_by_name.items():
-            offset = sum(per_round[:r]) + (warmup if r else 0)
-            res = time_steps(lambda i, s=step, o=offset: s(o + i), steps=k, warmup=warmup if r == 0 else 0,
-                             device=device)
-            if name not in merged:
-                merged[name] = res
-            else:
-                merged[name]["step_ms"] += res["step_ms"]
-                merged[name]["window_s"] += res["window_s"]
-    for res in merged.values():
-        t = res["step_ms"]
-        res.update(step_ms_median=statistics.median(t), step_ms_min=min(t), step_ms_max=max(t), rounds=rounds)
-    return merged
 
 
 class PeakMemory:
@@ -372,12 +292,53 @@ def _git_commit() -> str | None:
         return None
 
 
+def _run(cmd: list[str]) -> str | None:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+        return out.stdout.strip() if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _lscpu() -> dict:
+    """The lscpu lines that matter for a loader (model, sockets, cores, threads, NUMA, caches)."""
+    keep = ("Model name", "Socket(s)", "Core(s) per socket", "Thread(s) per core", "CPU(s)", "NUMA node(s)",
+            "L2 cache", "L3 cache", "CPU max MHz")
+    text = _run(["lscpu"]) or ""
+    pairs = (line.partition(":") for line in text.splitlines())
+    return {k.strip(): v.strip() for k, _, v in pairs if k.strip() in keep}
+
+
+def _mem_gb() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            return int(f.readline().split()[1]) / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def machine_facts() -> dict:
+    """What bounds a loader and a step on this host: cores usable here, lscpu, RAM, /dev/shm, GPUs (nvidia-smi)."""
+    import shutil
+
+    facts = {"nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+             "cpu_count": os.cpu_count(), "lscpu": _lscpu(), "mem_total_gb": _mem_gb()}
+    try:
+        facts["dev_shm_gb"] = shutil.disk_usage("/dev/shm").total / 2**30
+    except OSError:
+        facts["dev_shm_gb"] = None
+    smi = _run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit",
+                "--format=csv,noheader"])
+    facts["nvidia_smi"] = smi.splitlines() if smi else None
+    return facts
+
+
 def machine_info(device: torch.device) -> dict:
     """Versions, device, CPU, thread count, load average (a loaded machine gives slower, noisier numbers)."""
     import timm
 
     info = {
-        "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+        "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S"),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "timm": timm.__version__,

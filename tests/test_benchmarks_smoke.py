@@ -1,16 +1,20 @@
-"""Smoke test of the benchmark scripts on CPU: the pretraining step benchmark for two steps on a 1-block model
-(JSON fields, FLOP counter against the analytic count, HF ViTMAE starting equal), and the FLOP counter's CPU
-attention mapping against a hand count. Timings themselves are not checked (tests do not time things).
+"""Smoke test of the benchmark scripts on CPU, as documented, with tiny sizes: the pretraining step through the
+shared loop (JSON fields, FLOP counter against the analytic count, HF ViTMAE starting equal), the real entry
+point end to end vs synthetic, the profiler's kernel categories, the loader comparison, photo-like bench shards,
+and the FLOP counter's CPU attention mapping against a hand count. Timings themselves are not checked (tests do
+not time things).
 """
 
 import json
+import tarfile
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from benchmarks import common as C
-from benchmarks import pretrain_step
+from benchmarks import entry_loop, loader_throughput, make_bench_shards, pretrain_step, profile_step
+from data.transforms import pretrain_transform
 
 
 def test_count_flops_counts_cpu_attention_and_matmuls():
@@ -32,14 +36,15 @@ def test_parse_overrides_types():
 def test_pretrain_step_cpu_json(tmp_path):
     out = tmp_path / "step.json"
     argv = ["--device", "cpu", "--variant", "mae_vit_tiny_patch4_dec128d2b", "--override", "depth=1",
-            "decoder_depth=1", "--batch", "4", "--steps", "2", "--warmup", "1", "--out", str(out)]
+            "decoder_depth=1", "--batch", "4", "--steps", "2", "--warmup", "1", "--mask-type", "block",
+            "--out", str(out)]
     payload = pretrain_step.main(argv)
     assert json.loads(out.read_text())["results"] == json.loads(json.dumps(payload["results"], default=str))
     impls = [r["impl"] for r in payload["results"]]
     transformers_present = "hf_skipped" not in payload["results"][0]
     assert impls == (["tessera", "hf_vitmae"] if transformers_present else ["tessera"])
     for r in payload["results"]:
-        assert r["images_per_sec"] > 0 and len(r["step_ms"]) == 2
+        assert r["images_per_sec"] > 0 and len(r["step_ms_windows"]) == 2 and r["mask_type"] == "block"
         assert r["peak_mem_gb"] > 0 and r["peak_mem_kind"] == "cpu_rss_peak"
         # FlopCounterMode (one forward + backward) against models/flops.py's analytic count
         assert r["counted_over_analytic"] == pytest.approx(1.0, abs=0.02)
@@ -50,3 +55,60 @@ def test_pretrain_step_cpu_json(tmp_path):
         assert first["hf_loss_abs_diff"] < 1e-5 and first["hf_pred_max_abs_diff"] < 1e-4
         assert first["ours_over_hf"] > 0
     assert payload["machine"]["torch"] == torch.__version__
+
+
+def test_entry_loop_times_the_real_pretraining_loop(tmp_path):
+    payload = entry_loop.main(["--entry", "pretrain", "--data", "data/sample", "model.overrides.depth=1",
+                               "model.overrides.decoder_depth=1", "data.micro_batch=8", "data.num_workers=0",
+                               "run.steps=4", "--window", "2", "--out", str(tmp_path / "loop.json")])
+    res = payload["results"]
+    for mode in ("synthetic", "e2e"):
+        assert len(res[mode]["images_per_sec_windows"]) == 2 and res[mode]["images_per_sec"] > 0
+        assert res[mode]["summary"]["step"] == 4
+    assert res["e2e_over_synthetic"] == pytest.approx(res["e2e"]["images_per_sec"] / res["synthetic"]["images_per_sec"])
+    assert entry_loop.output_size(pretrain_transform(24, output="uint8")) == 24
+    assert entry_loop.output_size(pretrain_transform(24)) == 24
+
+
+def test_profile_categories_and_cpu_breakdown(tmp_path):
+    cat = profile_step.category
+    assert cat("sm90_xmma_gemm_bf16bf16_bf16f32") == "gemm" and cat("triton_tem_fused_mm_3") == "gemm"
+    assert cat("pytorch_flash::flash_bwd_dq_dk_dv_loop_kernel") == "attention"
+    assert cat("triton_poi_fused_add_gelu_0") == "elementwise" and cat("triton_red_fused_layer_norm_1") == \
+        "norm/reduction"
+    assert cat("Memcpy HtoD (Pinned -> Device)") == "copies" and cat("aten::_fused_adamw_") == "optimizer"
+    assert cat("aten::view") == "views/allocation (CPU ops)"
+    payload = profile_step.main(["--variant", "mae_vit_tiny_patch4_dec128d2b", "--override", "depth=1",
+                                 "decoder_depth=1", "--batch", "4", "--steps", "2", "--warmup", "1"])
+    res = payload["results"][0]
+    shares = {r["category"]: r["share"] for r in res["categories"]}
+    assert sum(shares.values()) == pytest.approx(1.0) and shares["gemm"] > 0 and shares["attention"] > 0
+
+
+def test_bench_shards_texture_and_resize(tmp_path):
+    common = ["--images", "6", "--shards", "2", "--workers", "1", "--min-px", "80", "--max-px", "96"]
+    smooth = make_bench_shards.main(["--output", str(tmp_path / "smooth"), "--texture", "0", *common])
+    photo = make_bench_shards.main(["--output", str(tmp_path / "photo"), *common])
+    small = make_bench_shards.main(["--output", str(tmp_path / "small"), "--resize", "40", *common])
+    size = {name: sum(m.size for f in (tmp_path / name).glob("*.tar") for m in tarfile.open(f)
+                      if m.name.endswith(".jpg")) for name in ("smooth", "photo")}
+    assert size["photo"] > 2 * size["smooth"]  # texture: far more entropy-coded bytes at the same pixel size
+    assert smooth["num_samples"] == photo["num_samples"] == small["num_samples"] == 6
+    again = make_bench_shards.main(["--output", str(tmp_path / "photo"), *common])  # same recipe: reused
+    assert again["num_samples"] == 6
+    import webdataset as wds
+
+    from data.decode import decode_image
+    from data.info import resolve
+
+    sample = next(iter(wds.DataPipeline(wds.SimpleShardList(resolve(str(tmp_path / "small")).urls),
+                                        wds.tarfile_to_samples())))
+    assert min(decode_image(sample).size) == 40
+
+
+def test_loader_throughput_compares_both_paths(tmp_path):
+    payload = loader_throughput.main(["--cases", "sample", "--rounds", "1", "--batches", "1", "--batch-size", "8",
+                                      "--out", str(tmp_path / "loader.json")])
+    case = payload["cases"][0]
+    assert case["float"]["batch_dtype"] == "torch.float32" and case["uint8"]["batch_dtype"] == "torch.uint8"
+    assert case["float"]["cpu_ms_per_image"] > 0 and case["uint8"]["cpu_ms_per_image"] > 0
