@@ -5,9 +5,12 @@ contiguous range [r*N//W, (r+1)*N//W), which its K workers split again into cont
 the shards that overlap its range and skips to its first sample without decoding. Every worker yields the same
 number of batches M = ceil(largest worker range / B) (the last ones padded with `valid=False` entries), so
 `len(loader) = K * M` on every rank and no rank waits on another. A corrupt image or a shard shorter than its
-recorded count gives `valid=False` placeholders at those positions (counted in `n_corrupt`), never a shift.
+recorded count gives `valid=False` placeholders at those positions, never a shift, and marks them `corrupt`: each
+lost sample is counted once, by position (the read error that cut a shard short is logged, not counted again).
 Batches: `{"image" [B,C,H,W], "label" [B] (-1 unlabelled/padding), "valid" bool [B], "index" [B] (global sample
-index, -1 for padding), "n_corrupt" int (this rank's running total)}`.
+index, -1 for padding), "corrupt" bool [B] (a sample of the split that could not be read or decoded; never padding),
+"n_corrupt" int (this rank's running total of corrupt entries)}`. Over all ranks, the sum of `corrupt` plus the
+number of `valid` entries is the split's recorded size.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import bisect
 import itertools
 import logging
 import math
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import webdataset as wds
@@ -26,6 +29,7 @@ from tqdm import tqdm
 
 from data.decode import CorruptSample, decode_image, decode_label
 from data.info import DatasetError, DatasetInfo, resolve
+from data.worker_signals import worker_init
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +80,10 @@ class EvalStream(IterableDataset):
     def __len__(self) -> int:
         return self.num_workers * self.batches_per_worker
 
-    def _on_error(self, exn: Exception) -> bool:
-        self.n_corrupt += 1
-        log.warning("evaluation: skipping unreadable data: %s", exn)
+    def _on_read_error(self, exn: Exception) -> bool:
+        """webdataset handler for shard read errors: log and go on. The samples the error cost are counted by
+        position in `_samples` (the shard gave fewer than recorded), so the error itself is not counted."""
+        log.warning("evaluation: error reading a shard: %s", exn)
         return True
 
     def _samples(self, lo: int, hi: int) -> Iterator[tuple[int, dict | None]]:
@@ -91,7 +96,8 @@ class EvalStream(IterableDataset):
             if start >= hi:
                 break
             a, b = max(lo, start), min(hi, end)
-            raw = wds.DataPipeline(wds.SimpleShardList([self.urls[k]]), wds.tarfile_to_samples(handler=self._on_error))
+            raw = wds.DataPipeline(wds.SimpleShardList([self.urls[k]]),
+                                   wds.tarfile_to_samples(handler=self._on_read_error))
             got = a
             for sample in itertools.islice(raw, a - start, b - start):  # skipped samples are never decoded
                 yield got, sample
@@ -103,12 +109,14 @@ class EvalStream(IterableDataset):
                     yield g, None
 
     def _decode(self, sample: dict | None) -> tuple[torch.Tensor | None, int]:
+        """(image, label), or (None, -1) for a sample that is missing (already counted) or does not decode."""
         if sample is None:
             return None, -1
         try:
             return self.transform(decode_image(sample, self.decode_size)), decode_label(sample)
         except CorruptSample as exc:
-            self._on_error(exc)
+            self.n_corrupt += 1
+            log.warning("evaluation: skipping a corrupt sample: %s", exc)
             return None, -1
 
     def _pad_image(self, like: torch.Tensor | None) -> torch.Tensor:
@@ -136,6 +144,7 @@ class EvalStream(IterableDataset):
                 "label": torch.tensor([lab for _, _, lab in decoded] + [-1] * pad, dtype=torch.long),  # [B]
                 "valid": torch.tensor([im is not None for _, im, _ in decoded] + [False] * pad),  # [B]
                 "index": torch.tensor([g for g, _, _ in decoded] + [-1] * pad, dtype=torch.long),  # [B]
+                "corrupt": torch.tensor([im is None for _, im, _ in decoded] + [False] * pad),  # [B]
                 "n_corrupt": self.n_corrupt,
                 "worker": worker,
             }
@@ -144,10 +153,12 @@ class EvalStream(IterableDataset):
 class EvalLoader:
     """`len()` batches on every rank; iterate as often as needed (each pass reads the split again)."""
 
-    def __init__(self, stream: EvalStream, *, num_workers: int, pin_memory: bool = False):
+    def __init__(self, stream: EvalStream, *, num_workers: int, pin_memory: bool = False,
+                 worker_init_fn: Callable[[int], None] | None = None):
         self.stream = stream
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self.worker_init_fn = worker_init(worker_init_fn)  # workers ignore SIGTERM/SIGUSR1 (data/worker_signals.py)
         self.num_samples = stream.total
 
     def __len__(self) -> int:
@@ -156,7 +167,7 @@ class EvalLoader:
     def __iter__(self) -> Iterator[dict]:
         gen = torch.Generator().manual_seed(0)  # keeps DataLoader from drawing on the global torch RNG
         loader = wds.WebLoader(self.stream, batch_size=None, num_workers=self.num_workers,
-                               pin_memory=self.pin_memory, generator=gen)
+                               pin_memory=self.pin_memory, generator=gen, worker_init_fn=self.worker_init_fn)
         latest: dict[int, int] = {}
         n = 0
         for batch in loader:

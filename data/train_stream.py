@@ -20,7 +20,9 @@ With known counts a shard always yields its recorded number of samples (a trunca
 placeholders), so positions never shift. A sample that fails to decode, or a placeholder, is counted and replaced
 inside its batch by the next good sample of the batch; a batch with no good sample borrows the images of the next
 batch that has one. Every batch thus holds B images and comes from exactly its own B raw samples. `n_corrupt` in
-each batch is the rank's running total (all workers) since the loader (re)started.
+each batch is the rank's running total (all workers) since the loader (re)started: each skipped sample position
+once per pass over it (the read error that cut a shard short is logged, not counted on top of the samples it cost).
+Without counts the number of samples a truncated shard lost is unknown: its read error counts as one.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import collections
 import itertools
 import logging
 import random
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import webdataset as wds
@@ -40,6 +42,7 @@ from data.info import DatasetInfo, resolve
 from data.seeding import mix_seed, seeded_global_rngs
 from data.shard_draws import slot_draws
 from data.shuffle_buffer import buffer_shuffle, fast_forward, restore_buffer
+from data.worker_signals import worker_init
 
 log = logging.getLogger(__name__)
 
@@ -52,18 +55,30 @@ def worker_batches_consumed(start_batch: int, worker: int, num_workers: int) -> 
 class _SlotCounters:
     """Per-worker counters shared by the stages of one slot's pipeline."""
 
-    def __init__(self, max_empty_draws: int):
+    def __init__(self, max_empty_draws: int, count_read_errors: bool):
         self.n_corrupt = 0
         self.empty_draws = 0
         self.max_empty_draws = max_empty_draws
+        self.count_read_errors = count_read_errors  # only when shard sizes are unknown (no placeholders)
         self.warned = 0
 
-    def on_error(self, exn: Exception) -> bool:
-        """webdataset handler: count the broken shard/sample, warn for the first few, keep going."""
-        self.n_corrupt += 1
+    def _warn(self, what: str, exn: Exception) -> None:
         if self.warned < 5:
             self.warned += 1
-            log.warning("skipping unreadable data: %s", exn)
+            log.warning("%s: %s", what, exn)
+
+    def on_error(self, exn: Exception) -> bool:
+        """A sample that cannot be used (corrupt image, or a placeholder for one missing from its shard): count it."""
+        self.n_corrupt += 1
+        self._warn("skipping unreadable data", exn)
+        return True
+
+    def on_read_error(self, exn: Exception) -> bool:
+        """webdataset handler for shard read errors: warn and go on. With known shard sizes the samples the error
+        cost become placeholders, counted one by one; without sizes the error itself counts once."""
+        if self.count_read_errors:
+            self.n_corrupt += 1
+        self._warn("error reading a shard", exn)
         return True
 
 
@@ -99,10 +114,11 @@ class TrainStream(IterableDataset):
         """Raw samples of one shard (never decoded). With known shard sizes the shard yields exactly its recorded
         count: missing samples (truncated shard) become None placeholders, so input positions never shift."""
         url = self.urls[shard]
-        samples = wds.tarfile_samples(iter([{"url": url}]), handler=counters.on_error)
+        samples = wds.tarfile_samples(iter([{"url": url}]), handler=counters.on_read_error)
         if self.sizes is None:
             got = 0
-            for got, sample in enumerate(samples, start=1):
+            for sample in samples:
+                got += 1
                 yield sample
         else:
             got = 0
@@ -138,7 +154,7 @@ class TrainStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         worker, slot = self._slot()
-        counters = _SlotCounters(max_empty_draws=len(self.urls) + 1)
+        counters = _SlotCounters(max_empty_draws=len(self.urls) + 1, count_read_errors=self.sizes is None)
         skip_batches = worker_batches_consumed(self.start_batch, worker, self.num_workers)
         n_skip = skip_batches * self.batch_size  # raw samples this worker already delivered
         size = self.shuffle_buffer if self.shuffle_buffer > 1 else 0
@@ -245,11 +261,12 @@ class TrainLoader:
     """Iterates rank batches forever, counting them; `state_dict()` records the position for exact resume."""
 
     def __init__(self, stream: TrainStream, *, num_workers: int, pin_memory: bool = False,
-                 prefetch_factor: int | None = None):
+                 prefetch_factor: int | None = None, worker_init_fn: Callable[[int], None] | None = None):
         self.stream = stream
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
+        self.worker_init_fn = worker_init(worker_init_fn)  # workers ignore SIGTERM/SIGUSR1 (data/worker_signals.py)
         self.batches = stream.start_batch
 
     def __iter__(self) -> Iterator[dict]:
@@ -258,7 +275,7 @@ class TrainLoader:
         # own generator: DataLoader draws its workers' base seed from it instead of the global torch RNG
         gen = torch.Generator().manual_seed(mix_seed(self.stream.seed, "loader", self.stream.rank))
         loader = wds.WebLoader(self.stream, batch_size=None, num_workers=self.num_workers,
-                               pin_memory=self.pin_memory, generator=gen, **kw)
+                               pin_memory=self.pin_memory, generator=gen, worker_init_fn=self.worker_init_fn, **kw)
         latest: dict[int, int] = {}
         for batch in loader:
             latest[batch.pop("worker")] = batch["n_corrupt"]
@@ -287,12 +304,15 @@ class TrainLoader:
 def build_train_loader(spec, *, batch_size: int, transform: Callable, seed: int = 0, rank: int = 0,
                        world_size: int = 1, num_workers: int = 0, start_batch: int = 0, shuffle_buffer: int = 1000,
                        decode_size: int | None = None, pin_memory: bool = False,
-                       prefetch_factor: int | None = None) -> TrainLoader:
+                       prefetch_factor: int | None = None,
+                       worker_init_fn: Callable[[int], None] | None = None) -> TrainLoader:
     """Infinite training loader of `{"image" [B,C,H,W], "label" [B] (-1 unlabelled), "n_corrupt", "key"}`.
 
     `spec`: anything `data.info.resolve` takes (or a DatasetInfo). `batch_size` is per rank (each worker yields
     whole batches). `decode_size`: decode JPEGs at reduced size (PIL draft) when both sides stay >= this.
     Exact resume needs the same seed, world_size, num_workers, batch_size, shuffle_buffer and shards.
+    DataLoader workers ignore SIGTERM/SIGUSR1 (pre-emption reaches only the rank); `worker_init_fn`, if given, runs
+    after that in each worker.
     """
     info = spec if isinstance(spec, DatasetInfo) else resolve(spec)
     if batch_size < 1:
@@ -306,4 +326,5 @@ def build_train_loader(spec, *, batch_size: int, transform: Callable, seed: int 
     stream = TrainStream(info, batch_size=batch_size, transform=transform, seed=seed, rank=rank,
                          world_size=world_size, num_workers=num_workers, start_batch=start_batch,
                          shuffle_buffer=shuffle_buffer, decode_size=decode_size)
-    return TrainLoader(stream, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor)
+    return TrainLoader(stream, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor,
+                       worker_init_fn=worker_init_fn)

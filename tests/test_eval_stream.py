@@ -110,9 +110,13 @@ def test_corrupt_and_truncated_become_invalid_placeholders(tmp_path):
 def test_each_lost_sample_is_counted_exactly_once(tmp_path, world_size, num_workers):
     """Issue 12 item 10: a truncated shard's lost samples counted once (not once more for the read error), in the
     running total and in the per-entry `corrupt` mask; valid + corrupt entries = the split's recorded size."""
+    import tarfile
+
     _write(tmp_path, SIZES, corrupt={4, 20})
-    shard = tmp_path / "val-000003.tar"  # samples 21..25
-    shard.write_bytes(shard.read_bytes()[:4000])
+    shard = tmp_path / "val-000003.tar"  # samples 21..25; cut in the middle of the second one's image data, where
+    with tarfile.open(shard) as tf:     # the tar reader raises an error (a cut between members ends it quietly)
+        png = [m for m in tf.getmembers() if m.name.endswith(".png")][1]
+    shard.write_bytes(shard.read_bytes()[: png.offset_data + png.size // 2])
     per_rank = _run(f"{tmp_path}:val", world_size, num_workers)
     seen, corrupt, running = [], [], 0
     for batches in per_rank:
