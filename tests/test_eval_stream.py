@@ -135,3 +135,35 @@ def test_pattern_without_dataset_json_counts_shards(tmp_path):
     loader = build_eval_loader(str(tmp_path / "val-{000000..000001}.tar"), batch_size=3, transform=TRANSFORM)
     assert loader.num_samples == 10 and len(loader) == 4
     assert sorted(i for b in loader for i in b["index"][b["valid"]].tolist()) == list(range(10))
+
+
+def _logging_pipe(tmp_path, folder):
+    """A `pipe:` spec over the shards of `folder` whose command logs each shard it is asked for."""
+    log = tmp_path / "opened.log"
+    script = tmp_path / "open_shard.sh"
+    script.write_text(f'#!/bin/sh\necho "$1" >> {log}\nexec cat {folder}/val-"$1".tar\n')
+    script.chmod(0o755)
+    return f"pipe:{script} {{000000..000004}}", log
+
+
+@pytest.mark.parametrize("n,shards_read", [(4, ["000000"]), (9, ["000000", "000001"])])
+def test_first_images_read_only_the_shards_they_need(tmp_path, n, shards_read):
+    """Issue 12 item 9: remote data without dataset.json; the grid's images come from the first shard(s) only."""
+    from data.first_images import first_images
+
+    folder = tmp_path / "shards"
+    _write(folder, SIZES, corrupt={1}, with_json=False)
+    spec, log = _logging_pipe(tmp_path, folder)
+    images = first_images(spec, n, TRANSFORM)
+    assert log.read_text().split() == shards_read
+    wanted = [g for g in range(35) if g != 1][:n]  # sample 1 is corrupt: skipped
+    assert images.shape == (n, 3, 8, 8)
+    assert all(torch.equal(img, TRANSFORM(_image(g))) for img, g in zip(images, wanted))
+
+
+def test_first_images_gives_what_there_is(tmp_path):
+    from data.first_images import first_images
+
+    _write(tmp_path, [2, 1])
+    assert first_images(f"{tmp_path}:val", 8, TRANSFORM).shape == (3, 3, 8, 8)
+    assert first_images(f"{tmp_path}:val", 0, TRANSFORM) is None
