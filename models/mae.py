@@ -4,6 +4,8 @@
 keep the official names (`decoder_embed`, `mask_token`, `decoder_pos_embed`, `decoder_blocks`, `decoder_norm`,
 `decoder_pred`), so official checkpoints map onto ours by adding the `encoder.` prefix. Attention is timm's
 `Attention`, which uses `F.scaled_dot_product_attention` (fused kernels) by default.
+`target="hog"` regresses MaskFeat HOG histograms instead of pixels (`models/patch_targets.py`); `decoder_pred` then
+has the HOG vector's width.
 """
 
 from functools import partial
@@ -15,7 +17,9 @@ from timm.layers import LayerNorm
 from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Block
 
+from .init_weights import init_linear_and_norm
 from .masking import block_mask_noise, num_kept, random_masking
+from .patch_targets import PatchTargets
 from .pos_embed import sincos_2d
 from .vit import create_encoder
 
@@ -39,6 +43,11 @@ class MaskedAutoencoder(nn.Module):
         norm_pix_loss=False,
         mask_ratio=0.75,
         mask_type="random",
+        target="pixels",
+        hog_cell=None,
+        hog_bins=9,
+        mask_min_block=16,
+        mask_max_block=None,
     ):
         super().__init__()
         if mask_type not in MASK_TYPES:
@@ -54,6 +63,10 @@ class MaskedAutoencoder(nn.Module):
         self.norm_pix_loss = norm_pix_loss
         self.mask_ratio = mask_ratio
         self.mask_type = mask_type
+        self.mask_min_block, self.mask_max_block = mask_min_block, mask_max_block
+        self.target = target
+        self.targets = PatchTargets(target, patch_size, in_chans, norm_pix=norm_pix_loss,
+                                    hog_cell=hog_cell, hog_bins=hog_bins, img_size=img_size)
         self.grad_checkpointing = False
 
         # weight_init="skip": timm's own init is replaced by the MAE init below.
@@ -71,7 +84,7 @@ class MaskedAutoencoder(nn.Module):
             for _ in range(decoder_depth)
         ))
         self.decoder_norm = LayerNorm(decoder_embed_dim, eps=1e-6)
-        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size * patch_size * in_chans)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, self.targets.dim)  # p*p*C for pixel targets
         self.initialize_weights()
 
     # ---- init -------------------------------------------------------------------------------------------------
@@ -85,7 +98,7 @@ class MaskedAutoencoder(nn.Module):
         nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
         nn.init.normal_(self.encoder.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
-        self.apply(_init_module)
+        self.apply(init_linear_and_norm)
 
     def set_grad_checkpointing(self, enable: bool = True):
         """Activation checkpointing for encoder and decoder blocks (timm's checkpoint_seq)."""
@@ -110,7 +123,8 @@ class MaskedAutoencoder(nn.Module):
         gh, gw = self.grid_size
         if self.mask_type == "block":
             ratio = self.mask_ratio if mask_ratio is None else mask_ratio
-            return block_mask_noise(n, gh, gw, ratio, generator=generator, device=device)
+            return block_mask_noise(n, gh, gw, ratio, generator=generator, device=device,
+                                    min_block=self.mask_min_block, max_block=self.mask_max_block)
         gen_device = generator.device if generator is not None else device
         return torch.rand(n, gh * gw, generator=generator, device=gen_device).to(device)
 
@@ -147,6 +161,9 @@ class MaskedAutoencoder(nn.Module):
 
         Computed in float32 whatever the model dtype (bf16 norm-pix statistics and sums lose precision).
         """
+        if self.target != "pixels":  # HOG histograms [N, L, dim]
+            loss = ((pred.float() - self.targets(imgs)) ** 2).mean(dim=-1)
+            return (loss * mask.float()).sum() / mask.float().sum()
         target = self.patchify(imgs).float()  # [N, L, p*p*C]
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
@@ -168,12 +185,3 @@ class MaskedAutoencoder(nn.Module):
         loss = self.forward_loss(imgs, pred, mask)
         return loss, pred, mask
 
-
-def _init_module(m: nn.Module):
-    if isinstance(m, nn.Linear):
-        nn.init.xavier_uniform_(m.weight)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)

@@ -50,10 +50,12 @@ def block_mask(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     proposals: int = 4,
+    max_block: int | None = None,
 ) -> torch.Tensor:
     """BEiT-style block-wise mask [N, H, W] (bool, True = masked) with at most `num_masked` patches per sample.
 
-    Each round every sample draws `proposals` rectangles: area ~ U(min_block, remaining budget), aspect ratio
+    Each round every sample draws `proposals` rectangles: area ~ U(min_block, min(max_block, remaining budget))
+    (`max_block` None: the budget alone, as BEiT's default), aspect ratio
     log-uniform in [min_aspect, 1/min_aspect], uniform position; the first that adds between 1 and `remaining` new
     patches is accepted (BEiT's acceptance rule; BEiT draws one rectangle per round, up to 64 rounds). A fixed
     number of rounds with no early exit and no data-dependent branch: no host synchronisation, so it runs inside
@@ -69,7 +71,8 @@ def block_mask(
     log_lo, log_hi = math.log(min_aspect), math.log(1.0 / min_aspect)
     for r in range(rounds):
         remaining = (num_masked - mask.sum(1)).view(n, 1)  # [N, 1]
-        area = min_block + u[r, 0] * (remaining.float() - min_block)  # [N, P]: U(min_block, remaining), either order
+        upper = remaining.float() if max_block is None else remaining.float().clamp(max=max_block)
+        area = min_block + u[r, 0] * (upper - min_block)  # [N, P]: U(min_block, upper), either order
         aspect = torch.exp(log_lo + u[r, 1] * (log_hi - log_lo))
         h = torch.round(torch.sqrt(area * aspect)).long().clamp(1, grid_h)
         w = torch.round(torch.sqrt(area / aspect)).long().clamp(1, grid_w)
@@ -95,6 +98,7 @@ def block_mask_noise(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     min_block: int = 16,
+    max_block: int | None = None,
 ) -> torch.Tensor:
     """Noise [N, H*W] whose argsort removes BEiT-style blocks first.
 
@@ -103,6 +107,15 @@ def block_mask_noise(
     """
     length = grid_h * grid_w
     num_masked = length - num_kept(length, mask_ratio)
-    blocks = block_mask(n, grid_h, grid_w, num_masked, min_block=min_block, generator=generator, device=device)
+    blocks = block_mask(n, grid_h, grid_w, num_masked, min_block=min_block, generator=generator, device=device,
+                        max_block=max_block)
     uniform = torch.rand(n, length, generator=generator, device=generator.device if generator else blocks.device)
     return blocks.flatten(1).to(uniform.device).float() + uniform  # [N, L]
+
+
+def mask_from_noise(noise: torch.Tensor, mask_ratio: float) -> torch.Tensor:
+    """The mask [N, L] (float32, 1 = masked) that `random_masking` makes from `noise`, without gathering tokens:
+    for objectives whose encoder sees every position (BEiT/SimMIM-style mask tokens)."""
+    keep = num_kept(noise.shape[1], mask_ratio)
+    ranks = torch.argsort(torch.argsort(noise, dim=1), dim=1)  # [N, L] rank of each patch, smallest noise first
+    return (ranks >= keep).float()
