@@ -1,4 +1,5 @@
-"""Frozen-encoder features: pooling, exact-once extraction over a split, and the on-disk feature cache.
+"""Frozen-encoder features: pooling, exact-once extraction over a split (both in `launch/features.py`, shared with the
+pretraining k-NN monitor, re-exported here), and the on-disk feature cache.
 
 Extraction runs the eval loader (every image once across ranks, `valid` mask), keeps the valid rows, and gathers
 them from all ranks (`pad_across_processes` + `gather`, trimmed to each rank's count), so every rank ends with the
@@ -13,56 +14,8 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-from tqdm import tqdm
 
-
-def pool_tokens(tokens: torch.Tensor, pool: str, num_prefix_tokens: int = 1) -> torch.Tensor:
-    """`[N, T, D]` tokens after the final norm -> `[N, D]`: the CLS token, or the mean of the patch tokens."""
-    if pool == "token":
-        return tokens[:, 0]  # [N, D]
-    if pool == "avg":
-        return tokens[:, num_prefix_tokens:].mean(dim=1)  # [N, D]
-    raise ValueError(f"pool must be 'token' or 'avg', got {pool!r}")
-
-
-def encode(encoder: nn.Module, images: torch.Tensor, pool: str) -> torch.Tensor:
-    """Features of a batch through a timm VisionTransformer (`forward_features` ends with the final norm)."""
-    tokens = encoder.forward_features(images)  # [N, 1+L, D]
-    return pool_tokens(tokens, pool, getattr(encoder, "num_prefix_tokens", 1))
-
-
-def gather_rows(x: torch.Tensor, accelerator) -> torch.Tensor:
-    """Concatenate a variable number of rows from every rank (rank order), on every rank."""
-    if accelerator is None or accelerator.num_processes == 1:
-        return x
-    device = accelerator.device
-    counts = accelerator.gather(torch.tensor([x.shape[0]], device=device)).tolist()
-    padded = accelerator.pad_across_processes(x.to(device).contiguous(), dim=0)  # [max_n, ...]
-    everything = accelerator.gather(padded)  # [world * max_n, ...]
-    m = padded.shape[0]
-    return torch.cat([everything[r * m: r * m + c] for r, c in enumerate(counts)]).cpu()
-
-
-@torch.no_grad()
-def extract_features(encoder: nn.Module, batches, accelerator, pool: str, desc: str = "features",
-                     progress: bool = True, total: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features `[N, D]` float32, labels `[N]`) of every valid image of `batches` (device batches of the eval
-    stream, `data.device_input.device_batches`), gathered from all ranks."""
-    encoder.eval()
-    feats, labels = [], []
-    show = progress and (accelerator is None or accelerator.is_main_process)
-    for batch in tqdm(batches, desc=desc, disable=not show, total=total):
-        images = batch["image"]
-        valid = batch["valid"].to(torch.bool) if "valid" in batch else torch.ones(len(images), dtype=torch.bool)
-        autocast = accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False)
-        with autocast:
-            f = encode(encoder, images, pool)  # [B, D]
-        feats.append(f.float()[valid.to(f.device)].cpu())
-        labels.append(batch["label"][valid.to(batch["label"].device)].cpu())
-    local_f = torch.cat(feats) if feats else torch.zeros(0, getattr(encoder, "embed_dim", 0))
-    local_y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
-    return gather_rows(local_f, accelerator), gather_rows(local_y.long(), accelerator)
+from launch.features import encode, extract_features, gather_rows, pool_tokens  # re-exported: defined in launch/
 
 
 def dataset_fingerprint(urls: list[str]) -> list:

@@ -40,6 +40,9 @@ class Hook:
     every: int
     fn: Callable[[int], dict | None]
     at_end: bool = False
+    # merge: run before the step's log and put the values into its record (and on the progress bar); the hook's
+    # time is left out of images_per_sec. Otherwise the values are a record of their own, after the log.
+    merge: bool = False
 
     def due(self, step: int, last: bool) -> bool:
         return bool(self.every and step % self.every == 0) or (self.at_end and last)
@@ -73,6 +76,7 @@ class TrainLoop:
 
     def fit(self, start_step: int = 0, state: dict | None = None) -> LoopResult:
         acc, run, optim, state = self.accelerator, self.run, self.optim, state or {}
+        self._shown = {}  # merged hook values on the progress bar (the latest of each), e.g. knn_top1
         device, accum = acc.device, optim.grad_accum_steps
         deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -128,8 +132,13 @@ class TrainLoop:
                 self.after_update(step)
 
             last = step == run.steps
+            merged, t_hooks = {}, time.perf_counter()
+            for hook in self.hooks:
+                if hook.merge and hook.due(step, last):
+                    merged.update(hook.fn(step) or {})
+            clock = (clock[0] + time.perf_counter() - t_hooks, clock[1])  # hook time is not training throughput
             if step % run.log_every == 0 or last:  # the host reads the device counters here, and only here
-                loss, worst = self._log(step, lr, window, nf_total, nf_worst, clock, bar)
+                loss, worst = self._log(step, lr, window, nf_total, nf_worst, clock, bar, merged)
                 if worst >= run.max_nonfinite:
                     raise NonFiniteLossError(
                         f"{worst:.0f} consecutive non-finite losses (by step {step}); their updates were skipped. "
@@ -139,8 +148,10 @@ class TrainLoop:
                 window.zero_()
                 nf_worst = nf_run.clone()
                 clock = (time.perf_counter(), step)
+            elif merged:
+                self.metrics.log(step, merged)
             for hook in self.hooks:
-                if hook.due(step, last) and (values := hook.fn(step)):
+                if not hook.merge and hook.due(step, last) and (values := hook.fn(step)):
                     self.metrics.log(step, values)
             stopped_by = stop.poll()
             if stopped_by or last or (run.save_every and step % run.save_every == 0):
@@ -150,7 +161,7 @@ class TrainLoop:
         stop.restore()
         return LoopResult(step=step, loss=loss, stopped_by=stopped_by, checkpoint=ckpt)
 
-    def _log(self, step, lr, window, nf_total, nf_worst, clock, bar) -> tuple[float | None, float]:
+    def _log(self, step, lr, window, nf_total, nf_worst, clock, bar, merged=None) -> tuple[float | None, float]:
         acc = self.accelerator
         if acc.num_processes > 1:
             window = acc.reduce(window, reduction="sum")
@@ -161,12 +172,15 @@ class TrainLoop:
                   "n_nonfinite": int(n_bad)}
         if self.log_extra is not None:
             values.update(self.log_extra(step))
+        values.update(merged or {})
         self.metrics.log(step, values)
         shown = "nan" if loss is None else f"{loss:.4f}"
-        bar.set_postfix(loss=shown, lr=f"{lr:.2e}", img_s=f"{values['images_per_sec']:.0f}")
+        self._shown.update({k: f"{v:.4f}" for k, v in (merged or {}).items() if isinstance(v, float)})
+        bar.set_postfix(loss=shown, lr=f"{lr:.2e}", img_s=f"{values['images_per_sec']:.0f}", **self._shown)
         if acc.is_main_process and not self.run.progress:  # plain lines for log files and pipes
-            print(f"step {step}/{self.run.steps} loss {shown} lr {lr:.3e} images/s {values['images_per_sec']:.1f}",
-                  flush=True)
+            more = "".join(f" {k} {v:.4f}" for k, v in (merged or {}).items() if isinstance(v, float))
+            print(f"step {step}/{self.run.steps} loss {shown} lr {lr:.3e} images/s {values['images_per_sec']:.1f}"
+                  f"{more}", flush=True)
         return loss, worst
 
 

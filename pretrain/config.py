@@ -69,6 +69,26 @@ class VisConfig:
 
 
 @dataclass
+class KnnConfig:
+    enabled: bool = opt(True, "k-NN monitor: knn_top1 of the encoder's features (off by itself when no labels exist)")
+    every: int = opt(120, "evaluate every N steps and at the end (0: only at the end)")
+    bank: str | None = opt(None, "labelled split whose features vote (folder:split); None: data.train")
+    query: str | None = opt(None, "labelled split to classify; None: the val/test split next to data.train")
+    bank_size: int | None = opt(1000, "bank images (a fixed subset: the first of every shard); None: the whole split")
+    query_size: int | None = opt(500, "query images (fixed subset, as bank_size); None: the whole split")
+    k: int = opt(20, "neighbours that vote")
+    temperature: float = opt(0.07, "vote weight exp(cosine / T) (DINO's k-NN evaluation)")
+    pool: Literal["token", "avg"] = opt("token", "features: the CLS token or the mean of the patch tokens")
+    batch_size: int = opt(250, "images per rank per forward")
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.k < 1 or self.temperature <= 0 or self.batch_size < 1:
+            raise ValueError("knn.every must be >= 0, knn.k and knn.batch_size >= 1, knn.temperature > 0")
+        if any(n is not None and n < 1 for n in (self.bank_size, self.query_size)):
+            raise ValueError("knn.bank_size and knn.query_size must be >= 1 (or None: the whole split)")
+
+
+@dataclass
 class PretrainConfig:
     model: ModelConfig = section(ModelConfig, "the masked autoencoder")
     data: DataConfig = section(DataConfig, "training data and loader")
@@ -79,6 +99,7 @@ class PretrainConfig:
     run: RunConfig = section(RunConfig, "run directory, length, precision, logging, checkpoints",
                              output_dir="runs/pretrain", steps=240, save_every=120)
     vis: VisConfig = section(VisConfig, "reconstruction pictures")
+    knn: KnnConfig = section(KnnConfig, "live k-NN monitor (knn_top1 in metrics.jsonl)")
 
 
-__all__ = ["PretrainConfig", "ModelConfig", "DataConfig", "VisConfig"]
+__all__ = ["PretrainConfig", "ModelConfig", "DataConfig", "VisConfig", "KnnConfig"]

@@ -27,6 +27,8 @@ from data.transforms import eval_transform, pretrain_transform
 from launch.accel import build_accelerator, configure_deepspeed, input_dtype, zero_stage
 from launch.checkpoint import ResumeMismatch, export_state_dict, frozen_parameters, model_fingerprint
 from launch.config import parse_cli
+from launch.errors import cli
+from launch.knn_monitor import build_knn_monitor
 from launch.loop import Hook, NonFiniteLossError, TrainLoop
 from launch.param_groups import build_adamw, param_groups
 from launch.sections import resolve_batch
@@ -118,6 +120,23 @@ def summary(cfg, accelerator, model, info, micro, global_batch, peak_lr, start_s
     ])
 
 
+def knn_hook(cfg: PretrainConfig, accelerator, raw_model) -> list[Hook]:
+    """The k-NN monitor as a loop hook (every `knn.every` steps and at the end, in the step's metrics record), or
+    none: `knn.enabled=false`, or no labelled bank/query split (said in one line)."""
+    if not cfg.knn.enabled:
+        return []
+    k = cfg.knn
+    monitor, note = build_knn_monitor(
+        bank=local_spec(k.bank) if k.bank else None, query=local_spec(k.query) if k.query else None,
+        train=local_spec(cfg.data.train), accelerator=accelerator, encoder=lambda: raw_model.encoder,
+        img_size=cfg.model.img_size, mean=cfg.data.mean, std=cfg.data.std, bank_size=k.bank_size,
+        query_size=k.query_size, batch_size=k.batch_size, num_workers=cfg.data.num_workers,
+        dtype=input_dtype(accelerator), k=k.k, temperature=k.temperature, pool=k.pool)
+    if accelerator.is_main_process:
+        print(note, flush=True)
+    return [Hook(k.every, monitor, at_end=True, merge=True)] if monitor is not None else []
+
+
 def train(cfg: PretrainConfig) -> dict:
     """Pretrain; returns a small summary dict (final step, last logged loss, paths)."""
     accelerator = build_accelerator(cfg.run, cfg.optim)
@@ -156,6 +175,7 @@ def train(cfg: PretrainConfig) -> dict:
     with torch.random.fork_rng(devices=[]):  # reading the grid's images must not move the training RNG
         vis_images = fixed_images(cfg, device) if is_main and zero_stage(accelerator) != 3 else None
 
+    knn = knn_hook(cfg, accelerator, raw_model)
     corrupt = {"base": int(state.get("n_corrupt", 0)), "rank": 0}  # the loader's running count on this rank
 
     def step_fn(batch: dict) -> torch.Tensor:
@@ -187,7 +207,7 @@ def train(cfg: PretrainConfig) -> dict:
         accelerator=accelerator, model=model, optimizer=optimizer, step_fn=step_fn,
         batches=device_batches(loader, device, mean=cfg.data.mean, std=cfg.data.std, dtype=input_dtype(accelerator)),
         run=cfg.run, optim=cfg.optim, peak_lr=peak_lr, global_batch=global_batch, metrics=session.metrics,
-        save=save, hooks=[Hook(cfg.vis.every, picture)], log_extra=log_extra, desc="pretrain")
+        save=save, hooks=[Hook(cfg.vis.every, picture), *knn], log_extra=log_extra, desc="pretrain")
     result = loop.fit(session.start_step, state)
     out = {"step": result.step, "loss": result.loss, "run_dir": str(session.run_dir), "stopped_by": result.stopped_by}
     if result.stopped_by:
@@ -225,4 +245,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(PROG, main)()
