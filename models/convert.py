@@ -1,7 +1,11 @@
 """Weight interop: read official MAE, Hugging Face ViTMAE, timm and Tessera checkpoints; write timm-named encoders.
 
 Library use: `load_state_dict(path)`, `detect_format(sd)`, `to_mae_state_dict(sd)`, `to_encoder_state_dict(sd)`,
-`to_hf_state_dict(sd)`, `save_encoder(sd, path)`, `load_mae_weights(model, sd)`, `check_state_dict(model, sd)`.
+`to_hf_state_dict(sd)`, `save_encoder(sd, path)`, `load_mae_weights(model, sd)`, `check_state_dict(model, sd)`,
+`read_hf_config(dir)` (an HF ViTMAE config.json in our names, `layer_norm_eps` included: transformers' default is
+1e-12, ours and the official MAE's 1e-6, and the facebook/vit-mae-* configs say 1e-12 for weights trained with 1e-6).
+A directory of shards with an index (`model.safetensors.index.json`, `pytorch_model.bin.index.json`: HF sharded
+saves, DeepSpeed's zero_to_fp32 ZeRO-3 consolidation) loads as one state dict.
 Command line:
     python models/convert.py --input mae_pretrain_vit_base_full.pth --output encoder.safetensors [--to encoder|mae|hf]
 The exported encoder loads with
@@ -23,17 +27,71 @@ from models.hf_keys import hf_to_official, is_hf, official_to_hf
 from models.state_check import CheckpointMismatch, check_state_dict
 
 __all__ = ["load_state_dict", "detect_format", "to_official", "to_mae_state_dict", "to_encoder_state_dict",
-           "to_hf_state_dict", "save_encoder", "load_mae_weights", "check_state_dict", "CheckpointMismatch", "main"]
+           "to_hf_state_dict", "save_encoder", "load_mae_weights", "check_state_dict", "CheckpointMismatch",
+           "read_hf_config", "OUR_LAYER_NORM_EPS", "main"]
 
 FORMATS = ("tessera", "official", "hf", "timm")
 _DECODER = ("decoder_", "mask_token")
 _WRAPPERS = ("model", "state_dict", "module", "model_state")
 _PREFIXES = ("module.", "_orig_mod.")  # DDP / DeepSpeed wrappers, torch.compile
+_SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+OUR_LAYER_NORM_EPS = 1e-6  # models/vit.py and models/mae.py (the official MAE's); transformers' ViTMAE default: 1e-12
+# HF ViTMAE config.json key -> our constructor argument (models/mae.py), for the plain ones
+_HF_CONFIG = {"hidden_size": "embed_dim", "num_hidden_layers": "depth", "num_attention_heads": "num_heads",
+              "image_size": "img_size", "patch_size": "patch_size", "num_channels": "in_chans",
+              "decoder_hidden_size": "decoder_embed_dim", "decoder_num_hidden_layers": "decoder_depth",
+              "decoder_num_attention_heads": "decoder_num_heads", "layer_norm_eps": "layer_norm_eps",
+              "qkv_bias": "qkv_bias", "hidden_act": "hidden_act", "norm_pix_loss": "norm_pix_loss",
+              "mask_ratio": "mask_ratio"}
+
+
+def read_hf_config(path) -> dict | None:
+    """Architecture of an HF ViTMAE model directory (its config.json) under our names (`embed_dim`, `depth`,
+    `num_heads`, `mlp_ratio`, `img_size`, `patch_size`, `in_chans`, `decoder_*`, `layer_norm_eps`, `qkv_bias`,
+    `hidden_act`, `norm_pix_loss`, `mask_ratio`), or None when `path` is not a directory with a config.json.
+    Raises ValueError for a config.json that is not a ViTMAE one."""
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        return None
+    try:
+        hf = json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {cfg_file}: {exc}") from None
+    if hf.get("model_type") != "vit_mae":
+        raise ValueError(f"{cfg_file} describes model_type {hf.get('model_type')!r}, not a ViTMAE model (vit_mae)")
+    out = {ours: hf[theirs] for theirs, ours in _HF_CONFIG.items() if theirs in hf}
+    for size in ("img_size", "patch_size"):
+        if isinstance(out.get(size), (list, tuple)):
+            out[size] = out[size][0] if len(set(out[size])) == 1 else tuple(out[size])
+    if "intermediate_size" in hf and "hidden_size" in hf:
+        out["mlp_ratio"] = hf["intermediate_size"] / hf["hidden_size"]
+    if "decoder_intermediate_size" in hf and "decoder_hidden_size" in hf:
+        out["decoder_mlp_ratio"] = hf["decoder_intermediate_size"] / hf["decoder_hidden_size"]
+    out.setdefault("layer_norm_eps", 1e-12)  # transformers' ViTMAEConfig default
+    return out
+
+
+def _load_sharded(index: Path) -> dict[str, torch.Tensor]:
+    """Every shard an index file lists (`weight_map`: name -> shard file), merged into one state dict."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"cannot read the shard index {index}: {exc}") from None
+    sd: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        sd.update(load_state_dict(index.parent / shard))
+    missing = sorted(set(_clean(dict.fromkeys(weight_map))) - set(sd))
+    if missing:
+        raise ValueError(f"{index} lists tensors its shards do not hold, e.g. {missing[0]}")
+    return sd
 
 
 def load_state_dict(path) -> dict[str, torch.Tensor]:
     """Read a flat {name: tensor} dict from .safetensors, a torch file, or an HF model directory."""
     path = Path(path)
+    index = next((path / n for n in _SHARD_INDEXES if (path / n).is_file()), None) if path.is_dir() else None
+    if index is not None:
+        return _load_sharded(index)
     if path.is_dir():
         candidates = [path / n for n in ("model.safetensors", "encoder.safetensors", "pytorch_model.bin")]
         found = [c for c in candidates if c.is_file()]
@@ -148,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     sd = load_state_dict(args.input)
     fmt = detect_format(sd)
+    hf_cfg = read_hf_config(args.input) if Path(args.input).is_dir() else None
+    if hf_cfg and hf_cfg["layer_norm_eps"] != OUR_LAYER_NORM_EPS:
+        print(f"note: {args.input}/config.json has layer_norm_eps={hf_cfg['layer_norm_eps']:g}; Tessera's and timm's "
+              f"MAE ViTs use {OUR_LAYER_NORM_EPS:g} (the official MAE's, which the facebook/vit-mae-* weights were "
+              f"trained with); outputs differ from transformers' slightly")
     if args.to == "encoder":
         out = to_encoder_state_dict(sd)
     elif args.to == "mae":
@@ -156,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         out = to_hf_state_dict(sd, "v4")
     out_path = Path(args.output)
     if args.to == "encoder" and out_path.suffix == ".safetensors":
-        save_encoder(out, out_path)
+        keep = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "layer_norm_eps")
+        save_encoder(out, out_path, {k: hf_cfg[k] for k in keep if k in hf_cfg} if hf_cfg else None)
     elif out_path.suffix == ".safetensors":
         out_path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in out.items()}, str(out_path), metadata={"format": "pt"})

@@ -24,6 +24,11 @@ class ModelConfig:
     mask_ratio: float = opt(0.75, "fraction of patches removed")
     mask_type: Literal["random", "block"] = opt("random", "random (MAE) or block (BEiT-style) masking")
     norm_pix_loss: bool = opt(False, "regress per-patch normalised pixels (the published recipe; reconstructions then look flat)")
+    init_from: str | None = opt(None, "continued pretraining: start from these weights (a run dir, mae/encoder."
+                                      "safetensors, a ZeRO-3 consolidation, an official .pth, an HF ViTMAE dir, timm "
+                                      "weights) with a fresh optimizer and schedule")
+    layer_norm_eps: float | None = opt(None, "LayerNorm epsilon of every norm; None: 1e-6 (MAE's; HF ViTMAE configs "
+                                       "often say 1e-12)")
     overrides: dict[str, Any] = opt({}, "extra constructor arguments of the variant, e.g. model.overrides.depth=2")
 
     def __post_init__(self) -> None:

@@ -33,6 +33,7 @@ from launch.loop import Hook, NonFiniteLossError, TrainLoop
 from launch.param_groups import build_adamw, param_groups
 from launch.sections import resolve_batch
 from launch.session import open_session
+from launch.warm_start import set_layer_norm_eps, warm_start
 from models.compile import compile_blocks, compile_enabled
 from models.convert import save_encoder, to_encoder_state_dict
 from models.flops import mae_flops_per_image
@@ -147,6 +148,12 @@ def train(cfg: PretrainConfig) -> dict:
 
     set_seed(cfg.run.seed)  # identical initial weights on every rank
     model = build_model(cfg)
+    if cfg.model.layer_norm_eps is not None:
+        set_layer_norm_eps(model, cfg.model.layer_norm_eps)
+    if cfg.model.init_from:  # continued pretraining: starting weights, fresh optimizer and schedule
+        note = warm_start(model, local_spec(cfg.model.init_from), cfg.model.layer_norm_eps)
+        if accelerator.is_main_process:
+            print(note, flush=True)
     fingerprint = model_fingerprint(model)
     frozen = frozen_parameters(model)  # fp32 sin-cos tables (DeepSpeed bf16 keeps no fp32 copy of frozen tensors)
     info = resolve(local_spec(cfg.data.train))
