@@ -40,11 +40,15 @@ def normalize_on_device(x: torch.Tensor, mean: Sequence[float], std: Sequence[fl
     return y if dtype == torch.float32 else y.to(dtype)
 
 
-def _move(batch: dict, device: torch.device, mean, std, dtype: torch.dtype, pin: bool) -> dict:
-    """The batch with every tensor on `device` (asynchronous copies) and "image" normalised as `dtype`."""
+def _move(batch: dict, device: torch.device, mean, std, dtype: torch.dtype, pin: bool, side=None) -> dict:
+    """The batch with every tensor on `device` (asynchronous copies) and "image" normalised as `dtype`. With `side`
+    (the copy stream), tensors already on the GPU are marked as used there, so their memory is not handed back to
+    the stream that made them before the side stream has read them."""
     out = {}
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
+            if side is not None and value.is_cuda:
+                value.record_stream(side)
             if pin and value.device.type == "cpu" and not value.is_pinned():
                 value = value.pin_memory()
             value = value.to(device, non_blocking=True)
@@ -86,8 +90,11 @@ def device_batches(loader: Iterable[dict], device, *, mean: Sequence[float], std
         batch = next(source, None)
         if batch is None:
             return False
+        # work queued so far on the compute stream (e.g. a device-resident loader's augmentation of this batch)
+        # must finish before the side stream reads it; the copy still overlaps the step launched next
+        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            ahead.append(_move(batch, device, mean, std, dtype, pin))
+            ahead.append(_move(batch, device, mean, std, dtype, pin, side))
         return True
 
     while len(ahead) < prefetch and stage():

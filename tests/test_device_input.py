@@ -70,6 +70,17 @@ def test_cuda_prefetch_gives_the_cpu_result(prefetch):
     want = [(normalize_on_device(b["image"], IMAGENET_MEAN, IMAGENET_STD) * 2).sum(dim=(1, 2, 3)) for b in batches]
     assert all(torch.allclose(g, w, rtol=1e-5, atol=1e-3) for g, w in zip(got, want))
 
+    def made_on_gpu():  # a device-resident loader: batches computed on the compute stream just before use
+        for b in batches:
+            big = torch.randn(2048, 2048, device="cuda")
+            for _ in range(20):
+                big = big @ big / 2048  # keep the compute stream busy, so a missing wait would read early
+            yield {"image": (b["image"].cuda().int() + (big.sum() * 0).int()).to(torch.uint8)}
+
+    for b, w in zip(device_batches(made_on_gpu(), "cuda", mean=IMAGENET_MEAN, std=IMAGENET_STD, prefetch=prefetch),
+                    want):
+        assert torch.allclose((b["image"] * 2).sum(dim=(1, 2, 3)).cpu(), w, rtol=1e-5, atol=1e-3)
+
 
 def _photo_shards(folder, n=12, seed=0) -> str:
     """A few 300-700 px JPEG shards with detail (so crops decode at full and at reduced scale)."""
