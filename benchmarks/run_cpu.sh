@@ -1,29 +1,26 @@
 #!/usr/bin/env bash
-# The CPU tables of docs/PERFORMANCE.md: tiny 32 px variant, one torch thread, batch 64-128, fp32 and bf16 autocast.
+# The CPU tables of docs/PERFORMANCE.md: one torch thread, the tiny 32 px variant for steps and loops.
 #
 #   bash benchmarks/run_cpu.sh                  # every case -> $OUT (default benchmarks/results/cpu)
-#   bash benchmarks/run_cpu.sh step_fp32_b64    # only the named cases;  --list  prints them
+#   bash benchmarks/run_cpu.sh loader           # only the named cases;  --list  prints them
 #
-# Ours and HF ViTMAE (eager and compiled; end to end and synthetic) are timed in alternating blocks (--rounds) so
-# that load from other processes on a shared machine hits both alike; step_fp32_b64_repeat repeats the first case
-# to show the run-to-run spread. The compiled case needs a C++ compiler (torch inductor) and takes minutes.
+# loader: the PIL float path against the uint8 path, per core, in alternating rounds (photo-like 256-500 px JPEGs,
+# the same pre-resized to 256, the 32 px sample). loop_sample: pretrain/mae.py on the shipped sample, end to end vs
+# synthetic. step_*: the MAE step through the shared loop, ours vs HF. Run them on a quiet machine (uptime).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 OUT=${OUT:-benchmarks/results/cpu}
 PY=${PYTHON:-.venv/bin/python}
 T=mae_vit_tiny_patch4_dec128d2b
-STEP="benchmarks/pretrain_step.py --device cpu --variant $T --steps 12 --warmup 2 --rounds 4"
+STEP="benchmarks/pretrain_step.py --variant $T --steps 12 --warmup 2 --window 3"
 CASES=(
+  "loader|benchmarks/loader_throughput.py --rounds 5 --batches 2 --batch-size 32"
+  "loop_sample|benchmarks/entry_loop.py --entry pretrain --data data/sample run.steps=24 --window 6"
   "step_fp32_b64|$STEP --batch 64 --precision fp32"
   "step_bf16_b64|$STEP --batch 64 --precision bf16"
-  "step_fp32_b128|$STEP --batch 128 --precision fp32"
-  "step_fp32_b64_nosdpa|$STEP --batch 64 --precision fp32 --no-sdpa"
-  "e2e_fp32_b64|benchmarks/pretrain_e2e.py --device cpu --variant $T --batch 64 --precision fp32 --steps 12 --warmup 2 --workers 1 --stats cifar10 --rounds 3"
-  "ft_fp32_b64|benchmarks/finetune_step.py --device cpu --variant $T --batch 64 --precision fp32 --steps 8 --warmup 2 --num-classes 10"
-  "ft_bf16_b64|benchmarks/finetune_step.py --device cpu --variant $T --batch 64 --precision bf16 --steps 8 --warmup 2 --num-classes 10"
-  "step_fp32_b64_compile|$STEP --batch 64 --precision fp32 --compile-vs-eager --steps 8"
-  "step_fp32_b64_repeat|$STEP --batch 64 --precision fp32"
+  "step_fp32_b64_block|$STEP --batch 64 --precision fp32 --mask-type block --no-hf"
+  "profile_fp32_b64|benchmarks/profile_step.py --variant $T --batch 64 --steps 3 --warmup 2"
 )
 if [[ "${1:-}" == "--list" ]]; then
   for c in "${CASES[@]}"; do echo "${c%%|*}: ${c#*|}"; done
@@ -31,12 +28,14 @@ if [[ "${1:-}" == "--list" ]]; then
 fi
 mkdir -p "$OUT"
 wanted=" $* "
+uptime
 for c in "${CASES[@]}"; do
   name=${c%%|*}; cmd=${c#*|}
   if [[ $# -gt 0 && "$wanted" != *" $name "* ]]; then continue; fi
   echo "== $name: OMP_NUM_THREADS=$OMP_NUM_THREADS $PY $cmd --out $OUT/$name.json"
   t0=$SECONDS
-  $PY $cmd --out "$OUT/$name.json" > "/tmp/tessera-cpu-$name.log" 2>&1
+  $PY $cmd --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
   echo "$name rc=$? seconds=$(( SECONDS - t0 ))"
+  grep -E '^\|' "$OUT/$name.log" | tail -n 12
 done
-$PY benchmarks/summarize.py "$OUT"
+uptime
