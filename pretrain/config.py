@@ -7,7 +7,7 @@ defaults; `key=value` overrides come last (`launch.config.load_config`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import yaml
@@ -15,14 +15,23 @@ import yaml
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from launch.config import opt, section
 from launch.sections import GLOBAL_HELP, MICRO_HELP, OptimConfig, RunConfig, check_batch_keys
+from models.objectives import DEFAULT_MASKING, check_objective, default_target
 
 
 @dataclass
 class ModelConfig:
     name: str = opt("mae_vit_tiny_patch4_dec128d2b", "MAE variant (models.variants.MAE_VARIANTS), e.g. mae_vit_base_patch16_dec512d8b")
     img_size: int = opt(32, "input resolution (pixels, square)")
-    mask_ratio: float = opt(0.75, "fraction of patches removed")
-    mask_type: Literal["random", "block"] = opt("random", "random (MAE) or block (BEiT-style) masking")
+    objective: Literal["mae", "simmim", "data2vec"] = opt("mae", "mae (encoder on visible patches + decoder), simmim "
+                                                          "(BEiT-style mask tokens, linear head, L1) or data2vec "
+                                                          "(mask tokens regress an EMA teacher's features)")
+    target: Literal["pixels", "hog"] | None = opt(None, "what mae/simmim regress: pixels or hog (MaskFeat); None: "
+                                                  "pixels (data2vec takes none: its targets are the teacher's)")
+    mask_ratio: float | None = opt(None, "fraction of patches masked; None: 0.75 for mae, 0.6 for simmim/data2vec")
+    mask_type: Literal["random", "block"] | None = opt(None, "random (MAE) or block (BEiT-style) masking; None: "
+                                                       "random for mae, block for simmim/data2vec")
+    mask_min_block: int = opt(16, "block masks: smallest block, in patches (BEiT: 16; at most a quarter of the grid)")
+    mask_max_block: int | None = opt(None, "block masks: largest block, in patches (None: the remaining budget)")
     norm_pix_loss: bool = opt(False, "regress per-patch normalised pixels (the published recipe; reconstructions then look flat)")
     init_from: str | None = opt(None, "continued pretraining: start from these weights (a run dir, mae/encoder."
                                       "safetensors, a ZeRO-3 consolidation, an official .pth, an HF ViTMAE dir, timm "
@@ -32,15 +41,26 @@ class ModelConfig:
     overrides: dict[str, Any] = opt({}, "extra constructor arguments of the variant, e.g. model.overrides.depth=2")
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.mask_ratio < 1.0:
+        if self.mask_ratio is not None and not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if self.mask_min_block < 1 or (self.mask_max_block is not None and self.mask_max_block < self.mask_min_block):
+            raise ValueError("mask_min_block must be >= 1 and mask_max_block (when set) >= mask_min_block")
         if self.img_size < 1:
             raise ValueError(f"img_size must be positive, got {self.img_size}")
         # command-line values arrive as text: read them the way YAML would (`depth=2` -> 2, `qkv_bias=false` -> False)
         self.overrides = {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in self.overrides.items()}
-        clash = {"img_size", "mask_ratio", "mask_type", "norm_pix_loss"} & set(self.overrides)
+        clash = {"img_size", "mask_ratio", "mask_type", "norm_pix_loss", "target", "mask_min_block",
+                 "mask_max_block"} & set(self.overrides)
         if clash:
             raise ValueError(f"set {sorted(clash)} as model.<key>, not model.overrides.<key>")
+        check_objective(self.objective, self.target, self.norm_pix_loss, self.overrides)
+
+    def resolved(self) -> ModelConfig:
+        """A copy with the objective's defaults filled in (target, mask type and ratio); what the run records."""
+        mask_type, mask_ratio = DEFAULT_MASKING[self.objective]
+        return replace(self, target=self.target or default_target(self.objective),
+                       mask_type=self.mask_type or mask_type,
+                       mask_ratio=mask_ratio if self.mask_ratio is None else self.mask_ratio)
 
 
 @dataclass
@@ -94,6 +114,31 @@ class KnnConfig:
 
 
 @dataclass
+class HogConfig:
+    cell: int | None = opt(None, "HOG cell size in pixels; None: half the patch (2x2 cells per patch, as MaskFeat)")
+    bins: int = opt(9, "orientation bins over 0-180 degrees")
+
+    def __post_init__(self) -> None:
+        if (self.cell is not None and self.cell < 1) or self.bins < 1:
+            raise ValueError("hog.cell and hog.bins must be >= 1")
+
+
+@dataclass
+class Data2VecConfig:
+    ema_decay: float = opt(0.999, "teacher momentum at the start (data2vec: 0.999)")
+    ema_end_decay: float = opt(0.9999, "teacher momentum at the end of the run (data2vec: 0.9999)")
+    ema_schedule: Literal["linear", "cosine"] = opt("linear", "momentum from ema_decay to ema_end_decay over run.steps")
+    top_k: int = opt(6, "average the teacher's last K block outputs (data2vec ViT-B: 6 of 12)")
+    loss_beta: float = opt(2.0, "Smooth L1 beta of the regression loss; 0: MSE (data2vec vision: 2)")
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.ema_decay <= 1.0 and 0.0 <= self.ema_end_decay <= 1.0):
+            raise ValueError("data2vec.ema_decay and data2vec.ema_end_decay must be in [0, 1]")
+        if self.top_k < 1 or self.loss_beta < 0:
+            raise ValueError("data2vec.top_k must be >= 1 and data2vec.loss_beta >= 0")
+
+
+@dataclass
 class PretrainConfig:
     model: ModelConfig = section(ModelConfig, "the masked autoencoder")
     data: DataConfig = section(DataConfig, "training data and loader")
@@ -104,7 +149,9 @@ class PretrainConfig:
     run: RunConfig = section(RunConfig, "run directory, length, precision, logging, checkpoints",
                              output_dir="runs/pretrain", steps=240, save_every=120)
     vis: VisConfig = section(VisConfig, "reconstruction pictures")
+    hog: HogConfig = section(HogConfig, "HOG targets (model.target=hog)")
+    data2vec: Data2VecConfig = section(Data2VecConfig, "the data2vec teacher and loss (model.objective=data2vec)")
     knn: KnnConfig = section(KnnConfig, "live k-NN monitor (knn_top1 in metrics.jsonl)")
 
 
-__all__ = ["PretrainConfig", "ModelConfig", "DataConfig", "VisConfig", "KnnConfig"]
+__all__ = ["PretrainConfig", "ModelConfig", "DataConfig", "VisConfig", "KnnConfig", "HogConfig", "Data2VecConfig"]

@@ -9,10 +9,17 @@ command resumes from the newest complete checkpoint in `run.output_dir` (model, 
 the data-stream position). SIGTERM/SIGUSR1 save a checkpoint at the next step boundary and exit 0. Writes
 RUN_DIR/{config.yaml, metrics.jsonl, checkpoints/, reconstructions/, reconstructions.png,
 encoder.safetensors (timm key names), mae.safetensors (full MAE, our key names)}.
+
+`model.objective` picks what is learned (models/objectives.py): `mae` (default), `simmim` or `data2vec`;
+`model.target` pixels or hog for mae and simmim. Every objective exports encoder.safetensors (a timm ViT); the full
+model goes to `<objective>.safetensors` (mae.safetensors, simmim.safetensors, data2vec.safetensors: the student;
+the data2vec EMA teacher's encoder also to teacher_encoder.safetensors). Reconstruction grids need pixel predictions
+(mae or simmim with pixel targets); other runs skip them and say so.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,7 +33,7 @@ from data.train_stream import build_train_loader
 from data.transforms import eval_transform, pretrain_transform
 from launch.accel import build_accelerator, configure_deepspeed, input_dtype, zero_stage
 from launch.checkpoint import ResumeMismatch, export_state_dict, frozen_parameters, model_fingerprint
-from launch.config import parse_cli
+from launch.config import ConfigError, parse_cli
 from launch.errors import cli
 from launch.knn_monitor import build_knn_monitor
 from launch.loop import Hook, NonFiniteLossError, TrainLoop
@@ -36,8 +43,8 @@ from launch.session import open_session
 from launch.warm_start import set_layer_norm_eps, warm_start
 from models.compile import compile_blocks, compile_enabled
 from models.convert import save_encoder, to_encoder_state_dict
-from models.flops import mae_flops_per_image
-from models.variants import create_mae
+from models.data2vec import EmaTeacher
+from models.objectives import create_pretrainer, predicts_pixels, pretrain_flops_per_image, weights_name
 from pictures.recon_grid import save_reconstruction_grid
 from pretrain.config import PretrainConfig
 
@@ -54,9 +61,25 @@ def local_spec(spec: str) -> str:
 
 
 def build_model(cfg: PretrainConfig):
-    m = cfg.model
-    return create_mae(m.name, img_size=m.img_size, mask_ratio=m.mask_ratio, mask_type=m.mask_type,
-                      norm_pix_loss=m.norm_pix_loss, **m.overrides)
+    m = cfg.model.resolved()  # the objective's masking and target defaults
+    try:
+        return create_pretrainer(m.objective, m.name, target=m.target, norm_pix_loss=m.norm_pix_loss,
+                                 hog_cell=cfg.hog.cell, hog_bins=cfg.hog.bins, loss_beta=cfg.data2vec.loss_beta,
+                                 img_size=m.img_size, mask_ratio=m.mask_ratio, mask_type=m.mask_type,
+                                 mask_min_block=m.mask_min_block, mask_max_block=m.mask_max_block, **m.overrides)
+    except ValueError as exc:  # a combination of model/hog keys the model cannot be built with
+        raise ConfigError(f"model: {exc}") from None
+
+
+def build_teacher(cfg: PretrainConfig, model) -> EmaTeacher | None:
+    """data2vec's EMA teacher (a copy of the student's encoder), or None for the other objectives."""
+    if cfg.model.objective != "data2vec":
+        return None
+    d = cfg.data2vec
+    if d.top_k > len(model.encoder.blocks):
+        raise ConfigError(f"data2vec.top_k={d.top_k} exceeds the encoder depth {len(model.encoder.blocks)}")
+    return EmaTeacher(model.encoder, top_k=d.top_k, decay=d.ema_decay, end_decay=d.ema_end_decay,
+                      schedule=d.ema_schedule, total_steps=cfg.run.steps)
 
 
 def recon_spec(cfg: PretrainConfig) -> str:
@@ -98,14 +121,15 @@ def grid(model, images, path: Path, cfg: PretrainConfig) -> None:
 def summary(cfg, accelerator, model, info, micro, global_batch, peak_lr, start_step) -> str:
     n_params = sum(p.numel() for p in model.parameters())
     n_enc = sum(p.numel() for p in model.encoder.parameters())
-    flops = mae_flops_per_image(model, cfg.model.mask_ratio)
+    flops = pretrain_flops_per_image(model, cfg.data2vec.top_k if cfg.model.objective == "data2vec" else None)
     stage = zero_stage(accelerator)
     images = cfg.run.steps * global_batch
     epochs = f" = {images / info.num_samples:.2f} epochs" if info.num_samples else ""
     return "\n".join([
         f"model       {cfg.model.name}: {n_params / 1e6:.2f}M parameters ({n_enc / 1e6:.2f}M encoder), "
         f"img {cfg.model.img_size}px, patch {model.patch_size}, mask {cfg.model.mask_ratio} ({cfg.model.mask_type}), "
-        f"norm_pix_loss {cfg.model.norm_pix_loss}",
+        f"norm_pix_loss {cfg.model.norm_pix_loss}, objective {cfg.model.objective}"
+        + (f", target {cfg.model.target}" if cfg.model.target else ""),
         f"FLOPs/image forward {flops['forward'] / 1e9:.3f} G, train {flops['train'] / 1e9:.3f} G",
         f"data        {cfg.data.train}: {info.num_samples if info.num_samples is not None else 'unknown'} images, "
         f"{len(info.urls)} shards",
@@ -140,6 +164,7 @@ def knn_hook(cfg: PretrainConfig, accelerator, raw_model) -> list[Hook]:
 
 def train(cfg: PretrainConfig) -> dict:
     """Pretrain; returns a small summary dict (final step, last logged loss, paths)."""
+    cfg = replace(cfg, model=cfg.model.resolved())  # the objective's defaults, as config.yaml records them
     accelerator = build_accelerator(cfg.run, cfg.optim)
     device, is_main, accum = accelerator.device, accelerator.is_main_process, cfg.optim.grad_accum_steps
     micro, global_batch = resolve_batch(cfg.data.micro_batch, cfg.data.global_batch, accelerator.num_processes, accum)
@@ -154,6 +179,10 @@ def train(cfg: PretrainConfig) -> dict:
         note = warm_start(model, local_spec(cfg.model.init_from), cfg.model.layer_norm_eps)
         if accelerator.is_main_process:
             print(note, flush=True)
+    teacher = build_teacher(cfg, model)  # data2vec: the EMA teacher, built before compile and prepare
+    if teacher is not None and zero_stage(accelerator) == 3:
+        raise ConfigError("model.objective=data2vec needs whole parameters on every rank for its EMA teacher; "
+                          "use DDP or ZeRO-2 (launch/accelerate/zero2.yaml), not ZeRO-3")
     fingerprint = model_fingerprint(model)
     frozen = frozen_parameters(model)  # fp32 sin-cos tables (DeepSpeed bf16 keeps no fp32 copy of frozen tensors)
     info = resolve(local_spec(cfg.data.train))
@@ -164,6 +193,9 @@ def train(cfg: PretrainConfig) -> dict:
         compile_blocks(model)  # regional: each transformer block, a short cold start
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
+    if teacher is not None:  # in every checkpoint, so a resume continues the same teacher
+        teacher.to(device)
+        accelerator.register_for_checkpointing(teacher)
 
     session = open_session(accelerator, cfg, fingerprint=fingerprint, name="pretrain")
     state = session.state
@@ -180,14 +212,18 @@ def train(cfg: PretrainConfig) -> dict:
     if session.resumed:
         loader.load_state_dict({**state.get("loader", {}), "batches": session.start_step * accum})
     with torch.random.fork_rng(devices=[]):  # reading the grid's images must not move the training RNG
-        vis_images = fixed_images(cfg, device) if is_main and zero_stage(accelerator) != 3 else None
+        pictures = is_main and zero_stage(accelerator) != 3 and predicts_pixels(raw_model)
+        vis_images = fixed_images(cfg, device) if pictures else None
 
     knn = knn_hook(cfg, accelerator, raw_model)
     corrupt = {"base": int(state.get("n_corrupt", 0)), "rank": 0}  # the loader's running count on this rank
 
     def step_fn(batch: dict) -> torch.Tensor:
         corrupt["rank"] = batch.get("n_corrupt", 0)
-        loss, _, _ = model(batch["image"])
+        if teacher is None:
+            loss, _, _ = model(batch["image"])
+        else:  # data2vec: the teacher's targets from the whole image, no gradient
+            loss, _, _ = model(batch["image"], teacher.targets(batch["image"]))
         return loss
 
     def n_corrupt() -> int:  # log and save steps only: an all-reduce and a host read
@@ -198,6 +234,8 @@ def train(cfg: PretrainConfig) -> dict:
         out = {"n_corrupt": n_corrupt(), "batches": step * accum}
         if info.num_samples:
             out["epoch"] = step * global_batch / info.num_samples
+        if teacher is not None:
+            out["teacher_decay"] = teacher.decay_at(step)
         return out
 
     def save(step: int, loop_state: dict):
@@ -214,7 +252,8 @@ def train(cfg: PretrainConfig) -> dict:
         accelerator=accelerator, model=model, optimizer=optimizer, step_fn=step_fn,
         batches=device_batches(loader, device, mean=cfg.data.mean, std=cfg.data.std, dtype=input_dtype(accelerator)),
         run=cfg.run, optim=cfg.optim, peak_lr=peak_lr, global_batch=global_batch, metrics=session.metrics,
-        save=save, hooks=[Hook(cfg.vis.every, picture), *knn], log_extra=log_extra, desc="pretrain")
+        save=save, hooks=[Hook(cfg.vis.every, picture), *knn], log_extra=log_extra, desc="pretrain",
+        after_update=(lambda step: teacher.update(raw_model.encoder, step)) if teacher is not None else None)
     result = loop.fit(session.start_step, state)
     out = {"step": result.step, "loss": result.loss, "run_dir": str(session.run_dir), "stopped_by": result.stopped_by}
     if result.stopped_by:
@@ -227,17 +266,26 @@ def train(cfg: PretrainConfig) -> dict:
     final = export_state_dict(accelerator, model, result.checkpoint, frozen=frozen)
     if is_main:
         run_dir = session.run_dir
-        save_file(final, str(run_dir / "mae.safetensors"))
-        save_encoder(to_encoder_state_dict(final), run_dir / "encoder.safetensors")
-        images = vis_images if vis_images is not None else fixed_images(cfg, device)
-        if images is not None:
-            fresh = build_model(cfg)
-            fresh.load_state_dict(final)
-            grid(fresh.to(images.device), images, run_dir / "reconstructions.png", cfg)
+        weights = run_dir / weights_name(cfg.model.objective)  # mae/simmim/data2vec.safetensors
+        save_file(final, str(weights))
+        enc_cfg = raw_model.encoder_cfg  # in the metadata: the head count is not visible in the shapes
+        save_encoder(to_encoder_state_dict(final), run_dir / "encoder.safetensors", encoder_cfg=enc_cfg)
+        if teacher is not None:
+            save_encoder(teacher.encoder.state_dict(), run_dir / "teacher_encoder.safetensors", encoder_cfg=enc_cfg)
+        fresh = build_model(cfg)
+        if predicts_pixels(fresh):
+            images = vis_images if vis_images is not None else fixed_images(cfg, device)
+            if images is not None:
+                fresh.load_state_dict(final)
+                grid(fresh.to(images.device), images, run_dir / "reconstructions.png", cfg)
+        else:
+            print(f"note: no reconstruction grid: model.objective={cfg.model.objective} "
+                  f"predicts {cfg.model.target or 'teacher features'}, not pixels", flush=True)
         loss = "nan" if result.loss is None else f"{result.loss:.4f}"
         print(f"done: step {result.step}, loss {loss}; weights in {run_dir / 'encoder.safetensors'} "
-              f"and {run_dir / 'mae.safetensors'}", flush=True)
-        out.update(encoder=str(run_dir / "encoder.safetensors"), mae=str(run_dir / "mae.safetensors"))
+              f"and {weights}", flush=True)
+        out.update(encoder=str(run_dir / "encoder.safetensors"), weights=str(weights),
+                   **{cfg.model.objective: str(weights)})
     accelerator.wait_for_everyone()
     session.metrics.close()
     return out

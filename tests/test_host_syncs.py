@@ -101,6 +101,27 @@ def test_pretraining_steps_do_not_sync(tmp_path, monkeypatch):
     check(counter, tmp_path)
 
 
+@pytest.mark.parametrize("objective", [
+    ["model.objective=simmim"],
+    ["model.objective=simmim", "model.target=hog"],
+    ["model.objective=mae", "model.target=hog"],
+    ["model.objective=data2vec", "data2vec.top_k=2"],  # the teacher's targets and its EMA update (after_update)
+], ids=["simmim", "simmim-hog", "mae-hog", "data2vec"])
+def test_objective_steps_do_not_sync(tmp_path, monkeypatch, objective):
+    """The other pretraining objectives (models/objectives.py): block masks, mask tokens, HOG, the EMA teacher."""
+    from data.train_stream import TrainLoader
+    from pretrain import mae
+
+    counter = SyncCounter()
+    monkeypatch.setattr(mae, "device_batches", only_train(mae.device_batches, counter, 2, "image", TrainLoader))
+    args = tiny_args(tmp_path, "optim.grad_accum_steps=2", "vis.every=0", steps=STEPS) + CADENCE + objective
+    if objective[0] != "model.objective=mae":  # no decoder: drop the tiny MAE decoder's overrides
+        args = [a for a in args if not a.startswith("model.overrides.decoder_")]
+    with counter:
+        mae.main(args)
+    check(counter, tmp_path)
+
+
 def test_finetuning_steps_do_not_sync(tiny, tmp_path, monkeypatch):
     from data.train_stream import TrainLoader
     from finetune import classify
