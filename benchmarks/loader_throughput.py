@@ -13,7 +13,8 @@ per-sample seeding, decode, augmentation and collation all counted) and reports 
 (`time.process_time`, so other processes' load counts less than in wall time). The two paths are timed in
 alternating rounds (A B A B ...) so changing machine load hits both alike; the median round is reported, with the
 spread. `--workers-check` adds wall-clock img/s through one worker process (the cost of handing batches over).
-Decode alone (PIL vs decode_jpeg, full size) is timed too. Prints a table and writes JSON.
+Decode alone (PIL vs decode_jpeg, full size) is timed too; `--agreement N` compares the two paths' pixels on N
+images of the 32 px sample (same seeds). Prints tables and writes JSON.
 """
 
 from __future__ import annotations
@@ -106,6 +107,34 @@ def time_decode(spec: str, limit: int = 200) -> dict:
     return out
 
 
+def pixel_agreement(spec: str, img_size: int, n: int) -> list[dict]:
+    """The uint8 path against the PIL float path on the first n images, same per-image seed: |difference| in grey
+    levels (the float path is mapped back to 0-255 with mean 0.5, std 1/255)."""
+    from data.seeding import seeded_global_rngs
+    from data.transforms import eval_transform
+
+    samples = list(wds.DataPipeline(wds.SimpleShardList(resolve(spec).urls), wds.tarfile_to_samples()))[:n]
+    mean, std = (0.5,) * 3, (1 / 255,) * 3
+    pairs = [("pretrain crop (scale 0.2-1)", pretrain_transform(img_size, mean, std),
+              pretrain_transform(img_size, output="uint8")),
+             ("probe crop (scale 0.08-1)", pretrain_transform(img_size, mean, std, scale=(0.08, 1.0)),
+              pretrain_transform(img_size, scale=(0.08, 1.0), output="uint8")),
+             ("eval", eval_transform(img_size, mean, std), eval_transform(img_size, output="uint8"))]
+    out = []
+    for name, old, new in pairs:
+        diffs = []
+        for i, s in enumerate(samples):
+            with seeded_global_rngs(i):
+                a = old(decode_image(s)) + 127.5
+            with seeded_global_rngs(i):
+                b = new(decode_image(s)).float()
+            diffs.append((a - b).abs().flatten())
+        d = torch.cat(diffs)
+        out.append({"transform": name, "images": len(samples), "mean_abs_levels": float(d.mean()),
+                    "max_abs_levels": float(d.max()), "share_differing": float((d > 0.5).float().mean())})
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "loader.json"))
@@ -118,6 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--cases", default="photo,resized,sample", help="comma list of photo, resized, sample")
     p.add_argument("--workers-check", action="store_true", help="also time one worker process per path (wall)")
+    p.add_argument("--agreement", type=int, default=0,
+                   help="also compare the two paths' pixels on this many images of the 32 px sample")
     args = p.parse_args(argv)
     scratch = Path(args.scratch)
     wanted = args.cases.split(",")
@@ -161,6 +192,11 @@ def main(argv: list[str] | None = None) -> dict:
                      for e in results["cases"]],
                     [("case", "case"), ("w_float", "1 worker img/s, PIL float"), ("w_uint8", "1 worker img/s, uint8")])
     results["table"] = table
+    if args.agreement:
+        results["agreement"] = pixel_agreement(str(ROOT / "data" / "sample"), 32, args.agreement)
+        print_table(results["agreement"], [("transform", "32 px sample: uint8 vs PIL path"), ("images", "images"),
+                                           ("mean_abs_levels", "mean |diff| (levels)"), ("max_abs_levels", "max"),
+                                           ("share_differing", "share of values differing")])
     results["env"] = {**machine_info(torch.device("cpu")), "pillow": PIL.__version__,
                       "torchvision": torchvision.__version__, "loadavg_before": load_before,
                       "loadavg_after": load_after, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),

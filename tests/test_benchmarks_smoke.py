@@ -112,3 +112,26 @@ def test_loader_throughput_compares_both_paths(tmp_path):
     case = payload["cases"][0]
     assert case["float"]["batch_dtype"] == "torch.float32" and case["uint8"]["batch_dtype"] == "torch.uint8"
     assert case["float"]["cpu_ms_per_image"] > 0 and case["uint8"]["cpu_ms_per_image"] > 0
+
+
+@pytest.mark.parametrize("entry,name,recipe", [
+    ("pretrain", "in1k_vit_base_1gpu", "in1k_vit_base"), ("pretrain", "in1k_vit_large_1gpu", "in1k_vit_large"),
+    ("pretrain", "in1k_vit_huge_1gpu", "in1k_vit_huge"), ("finetune", "in1k_vit_base_1gpu", "in1k_vit_base"),
+    ("linprobe", "linprobe_in1k_vit_base_1gpu", "linprobe_in1k_vit_base")])
+def test_one_gpu_configs_keep_the_recipe(entry, name, recipe):
+    """run_gpu.py's configs: one process, micro-batch 512-1024, the recipe's global batch, lr and schedule."""
+    from finetune.config import FinetuneConfig, LinprobeConfig
+    from launch.config import load_config
+    from launch.sections import resolve_batch
+    from pretrain.config import PretrainConfig
+
+    cls = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "linprobe": LinprobeConfig}[entry]
+    folder = "pretrain" if entry == "pretrain" else "finetune"
+    one, base = (load_config(cls, [f"{folder}/configs/{n}.yaml"]) for n in (name, recipe))
+    micro, global_batch = resolve_batch(one.data.micro_batch, one.data.global_batch, 1, one.optim.grad_accum_steps)
+    base_micro = base.data.micro_batch
+    base_global = base.data.global_batch or base_micro * 8 * base.optim.grad_accum_steps  # the recipes' 8 GPUs
+    assert 512 <= micro <= 1024 and global_batch == base_global
+    assert one.optim.peak_lr(global_batch) == pytest.approx(base.optim.peak_lr(base_global))
+    assert (one.run.steps, one.optim.warmup_steps) == (base.run.steps, base.optim.warmup_steps)
+    assert one.data.num_workers == 14  # cores - 2 on a 16-core host, as the comment says
