@@ -1,8 +1,12 @@
 """Saving and rebuilding trained classifiers: `<name>.safetensors` plus `classifier.json` beside it.
 
 classifier.json holds what is needed to rebuild the model without the training config: `kind` ("vit": a timm
-VisionTransformer with its head, from fine-tuning; "probe": frozen encoder + BatchNorm/Linear head), the encoder
-architecture, class count and names, pooling, input size and normalisation, and where the encoder came from.
+VisionTransformer with its head, from fine-tuning; "distilled": timm's VisionTransformerDistilled, DeiT's two heads,
+averaged in eval mode; "cnn": a timm CNN trained from scratch; "probe": frozen encoder + BatchNorm/Linear head), the
+encoder architecture (`encoder_cfg`; a `hybrid` key names a hybrid ViT, `models/hybrid.py`, a `cnn` key a timm CNN),
+class count and names, pooling, input size and normalisation, and where the encoder came from. Fine-tuning also
+records `timm`: the `timm.create_model` name and kwargs that rebuild the exported weights in timm
+(`pretrained=True, pretrained_cfg_overlay=dict(file=..., num_classes=N)`).
 """
 
 from __future__ import annotations
@@ -25,18 +29,22 @@ def build_from_meta(meta: dict) -> nn.Module:
     """An untrained model of the architecture `meta` describes."""
     cfg = dict(meta["encoder_cfg"])
     img_size = meta.get("img_size") or cfg.get("img_size")
-    if meta["kind"] == "vit":
+    if meta["kind"] in ("vit", "distilled", "cnn"):
         from models.classifier import create_classifier
 
-        return create_classifier(cfg, meta["num_classes"], global_pool=meta.get("global_pool", "token"),
-                                 drop_path_rate=0.0, img_size=img_size)
+        model = create_classifier(cfg, meta["num_classes"], global_pool=meta.get("global_pool", "token"),
+                                  drop_path_rate=0.0, img_size=img_size, distilled=meta["kind"] == "distilled")
+        if meta["kind"] == "distilled":
+            model.set_distilled_training(True)  # (cls, dist) logits in train mode; their mean in eval mode
+        return model
     if meta["kind"] == "probe":
         from finetune.probe import ProbeClassifier
-        from models.vit import create_encoder
+        from models.classifier import create_backbone
 
         cfg["img_size"] = img_size
-        return ProbeClassifier(create_encoder(**cfg), meta["num_classes"], pool=meta.get("pool", "token"))
-    raise ConfigError(f"classifier.json: unknown kind {meta['kind']!r} (expected 'vit' or 'probe')")
+        return ProbeClassifier(create_backbone(cfg), meta["num_classes"], pool=meta.get("pool", "token"))
+    raise ConfigError(f"classifier.json: unknown kind {meta['kind']!r} (expected 'vit', 'distilled', 'cnn' or "
+                      f"'probe')")
 
 
 def save_classifier(state_dict: dict[str, torch.Tensor], path: str | Path, meta: dict) -> Path:

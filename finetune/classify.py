@@ -1,4 +1,4 @@
-"""Supervised fine-tuning of a pretrained encoder: `accelerate launch finetune/classify.py [CONFIG.yaml] [key=value ...]`.
+"""Supervised fine-tuning of an encoder: `accelerate launch finetune/classify.py [CONFIG.yaml] [key=value ...]`.
 
 The encoder (our encoder.safetensors, an official MAE .pth, timm:NAME + weights, or `random` for from-scratch) goes
 into a timm VisionTransformer with a class head (`model.global_pool=avg`: mean of patch tokens + fc_norm, as MAE
@@ -8,6 +8,12 @@ off), RandAugment and random erasing (`data.transforms.finetune_transform`), opt
 config -> model -> loader -> step function -> the shared loop (`launch/loop.py`) -> export. Evaluation every
 `eval_every` steps and at the end over exactly the test split's images; writes eval.json,
 `classifier_{best,last}.safetensors` + classifier.json, metrics.jsonl and resumable checkpoints.
+
+`arch=` may also name a hybrid ViT (a convolutional stem as the patch embedding, `models/hybrid.py`) or, for training
+from scratch (`encoder=random`), a timm CNN such as `timm:resnet18`. `distill.kind=hard|soft` trains a DeiT student
+(`finetune/distill.py`): a distillation token and head beside CLS learn from a frozen teacher (`distill.teacher=`: a
+classifier run, or timm:NAME + `distill.teacher_weights=`) that sees the same mixed images; the teacher's test
+accuracy is printed before training; it is never checkpointed or exported with the student.
 """
 
 from __future__ import annotations
@@ -18,7 +24,6 @@ import torch
 import torch.nn as nn
 from accelerate.utils import DistributedType, set_seed
 from timm.data import Mixup
-from timm.layers import trunc_normal_
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 
@@ -28,32 +33,41 @@ from data.train_stream import build_train_loader
 from data.transforms import default_crop_pct, eval_transform, finetune_transform
 from finetune.classifier_io import save_classifier
 from finetune.config import FinetuneConfig
+from finetune.distill import distillation_loss, load_teacher
 from finetune.encoder_source import resolve_encoder
 from finetune.evaluation import evaluate_model, write_eval_json
 from finetune.splits import check_same_classes, labelled_split, norm_stats, split_spec
 from launch.accel import build_accelerator, configure_deepspeed, input_dtype
 from launch.checkpoint import model_fingerprint
 from launch.config import ConfigError, parse_cli
+from launch.errors import cli
 from launch.loop import Hook, TrainLoop
 from launch.param_groups import build_adamw, param_groups
 from launch.sections import resolve_batch
 from launch.session import open_session
-from models.classifier import create_classifier, load_encoder_into
+from models.classifier import create_classifier, init_heads, load_encoder_into, timm_args
 from models.compile import compile_blocks, compile_enabled
 
 PROG = "finetune/classify.py"
 
 
 def build_classifier(source, cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, dict, dict | None]:
-    """(timm classifier with the encoder's weights loaded, its encoder_cfg, the load report)."""
+    """(timm classifier with the encoder's weights loaded, its encoder_cfg, the load report). With distillation on,
+    a VisionTransformerDistilled in distilled-training mode (its forward returns the two heads' logits)."""
     enc_cfg = dict(source.encoder_cfg)
     if cfg.data.img_size:
         enc_cfg["img_size"] = cfg.data.img_size
-    model = create_classifier(enc_cfg, num_classes, global_pool=cfg.model.global_pool,
-                              drop_path_rate=cfg.model.drop_path_rate, img_size=enc_cfg["img_size"])
+    try:
+        model = create_classifier(enc_cfg, num_classes, global_pool=cfg.model.global_pool,
+                                  drop_path_rate=cfg.model.drop_path_rate, img_size=enc_cfg["img_size"],
+                                  distilled=cfg.distill.active)
+    except ValueError as exc:  # an architecture/option combination the models refuse, e.g. a distilled CNN
+        raise ConfigError(str(exc)) from None
     report = load_encoder_into(model, source.state_dict) if source.state_dict is not None else None
-    trunc_normal_(model.head.weight, std=cfg.model.head_init_std)
-    nn.init.zeros_(model.head.bias)
+    with torch.no_grad():
+        init_heads(model, cfg.model.head_init_std)
+    if cfg.distill.active:
+        model.set_distilled_training(True)
     return model, enc_cfg, report
 
 
@@ -79,6 +93,14 @@ def main(argv: list[str] | None = None) -> dict:
     num_classes = check_same_classes(train_info, test_info)
     source = resolve_encoder(cfg.encoder, weights=cfg.encoder_weights, arch=cfg.arch, num_heads=cfg.num_heads,
                              seed=cfg.run.seed)
+    mean, std = norm_stats(cfg.data.mean, cfg.data.std, train_info)
+    teacher, teacher_info = None, None
+    if cfg.distill.active:  # frozen and in eval mode; never prepared, registered, or attached to the student
+        d = cfg.distill
+        teacher, teacher_info = load_teacher(d.teacher, weights=d.teacher_weights, num_classes=num_classes,
+                                             class_names=train_info.class_names, student_mean=mean, student_std=std,
+                                             mean=d.teacher_mean, std=d.teacher_std)
+        teacher_info.update(kind=d.kind, tau=d.tau, alpha=d.alpha)
 
     accelerator = build_accelerator(cfg.run, cfg.optim)
     world, rank, device, accum = (accelerator.num_processes, accelerator.process_index, accelerator.device,
@@ -91,7 +113,6 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(cfg.run.seed)
     model, enc_cfg, report = build_classifier(source, cfg, num_classes)
     img_size = enc_cfg["img_size"] if isinstance(enc_cfg["img_size"], int) else enc_cfg["img_size"][0]
-    mean, std = norm_stats(cfg.data.mean, cfg.data.std, train_info)
     crop_pct = cfg.data.crop_pct if cfg.data.crop_pct is not None else default_crop_pct(img_size)
     if accelerator.is_main_process:
         for note in source.notes:
@@ -102,14 +123,16 @@ def main(argv: list[str] | None = None) -> dict:
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     optimizer = build_adamw(param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay), cfg.optim,
                             deepspeed=deepspeed)
-    if compile_enabled(cfg.run.compile, device):
-        compile_blocks(model)  # regional: each transformer block
+    if compile_enabled(cfg.run.compile, device) and "cnn" not in enc_cfg:
+        compile_blocks(model)  # regional: each transformer block (a CNN has none)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.ema.decay, use_warmup=cfg.ema.warmup) \
         if cfg.ema.enabled else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
     mixup_fn, criterion = build_criterion(cfg, num_classes)
+    if teacher is not None:  # DeepSpeed runs the student in bf16/fp16 without autocast: the teacher follows
+        teacher.to(device, input_dtype(accelerator) if deepspeed else None)
     session = open_session(accelerator, cfg, fingerprint=fingerprint, name="finetune")
     run_dir, best = session.run_dir, {"top1": float(session.state.get("best_top1", -1.0))}
 
@@ -122,24 +145,41 @@ def main(argv: list[str] | None = None) -> dict:
         loader.load_state_dict({**session.state.get("loader", {}), "batches": session.start_step * accum})
     etf = eval_transform(img_size, mean, std, crop_pct)
 
+    def test_loader():
+        return build_eval_loader(split_spec(cfg.data.path, cfg.data.test_split), batch_size=cfg.data.eval_batch_size,
+                                 transform=etf, rank=rank, world_size=world, num_workers=cfg.data.num_workers)
+
     def run_eval(desc: str = "eval") -> dict:
-        test_loader = build_eval_loader(split_spec(cfg.data.path, cfg.data.test_split),
-                                        batch_size=cfg.data.eval_batch_size, transform=etf, rank=rank,
-                                        world_size=world, num_workers=cfg.data.num_workers)
+        loader_ = test_loader()
         result = {}
         for name, net in (("model", model), ("ema", ema.module if ema is not None else None)):
             if net is not None:
-                batches = device_batches(test_loader, device, mean=mean, std=std, dtype=dtype)
-                result[name] = evaluate_model(net, batches, accelerator, total=len(test_loader),
-                                              progress=cfg.run.progress, desc=desc + (" (ema)" if name == "ema" else ""))
+                batches = device_batches(loader_, device, mean=mean, std=std, dtype=dtype)
+                result[name] = evaluate_model(net, batches, accelerator, total=len(loader_), progress=cfg.run.progress,
+                                              desc=desc + (" (ema)" if name == "ema" else ""))
         out = dict(result["model"])
         if "ema" in result:
             out["ema"] = {k: result["ema"][k] for k in ("top1", "top5", "n_images")}
         return out
 
-    meta = {"kind": "vit", "encoder_cfg": enc_cfg, "num_classes": num_classes, "global_pool": cfg.model.global_pool,
+    if teacher is not None:  # the teacher's own accuracy, on the images it will see, before training starts
+        loader_ = test_loader()
+        t_eval = evaluate_model(teacher, device_batches(loader_, device, mean=mean, std=std, dtype=dtype),
+                                accelerator, total=len(loader_), progress=cfg.run.progress, desc="teacher")
+        teacher_info.update(top1=t_eval["top1"], top5=t_eval["top5"], n_images=t_eval["n_images"])
+        if accelerator.is_main_process:
+            print(f"[finetune] teacher {cfg.distill.teacher} ({teacher_info['arch']}): top1 {t_eval['top1']:.2f}  "
+                  f"top5 {t_eval['top5']:.2f}  on {t_eval['n_images']} test images; {cfg.distill.kind} "
+                  f"distillation, tau {cfg.distill.tau}, alpha {cfg.distill.alpha}", flush=True)
+
+    kind = "distilled" if cfg.distill.active else "cnn" if "cnn" in enc_cfg else "vit"
+    timm_name, timm_kwargs = timm_args(enc_cfg, num_classes, cfg.model.global_pool, distilled=cfg.distill.active)
+    meta = {"kind": kind, "encoder_cfg": enc_cfg, "num_classes": num_classes, "global_pool": cfg.model.global_pool,
             "img_size": img_size, "mean": list(mean), "std": list(std), "crop_pct": crop_pct,
-            "class_names": train_info.class_names, "encoder": source.describe()}
+            "class_names": train_info.class_names, "encoder": source.describe(),
+            "timm": {"name": timm_name, "kwargs": timm_kwargs}}
+    if teacher_info is not None:
+        meta["distill"] = teacher_info
 
     def save_weights(name: str, step: int) -> None:
         state = accelerator.get_state_dict(model)  # all ranks (ZeRO-3 gathers)
@@ -158,11 +198,27 @@ def main(argv: list[str] | None = None) -> dict:
             save_weights("classifier_best.safetensors", step)
         return {"test_top1": r["top1"], "test_top5": r["top5"], "test_loss": r["loss"]}
 
+    parts = torch.zeros(3, device=device)  # distillation: [sum of CLS-head losses, of distillation losses, count]
+
     def step_fn(batch: dict) -> torch.Tensor:
         images, targets = batch["image"], batch["label"]
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
-        return criterion(model(images).float(), targets)
+        if teacher is None:
+            return criterion(model(images).float(), targets)
+        cls_logits, dist_logits = model(images)
+        loss, base, dist = distillation_loss(cls_logits.float(), dist_logits.float(), targets,
+                                             teacher(images).float(), kind=cfg.distill.kind, tau=cfg.distill.tau,
+                                             alpha=cfg.distill.alpha, base_criterion=criterion)
+        both = torch.stack([base.detach(), dist.detach()])
+        parts.add_(torch.where(torch.isfinite(both).all(), torch.cat([both, both.new_ones(1)]), 0.0))  # no sync
+        return loss
+
+    def log_parts(step: int) -> dict:  # at log steps only (the loop's log_extra): the host may read the device
+        total = accelerator.reduce(parts, reduction="sum") if world > 1 else parts
+        base_sum, dist_sum, n = total.tolist()
+        parts.zero_()
+        return {"loss_cls": base_sum / n, "loss_distill": dist_sum / n} if n else {}
 
     def save(step: int, loop_state: dict):
         return session.ckpt.save(step, {**loop_state, "best_top1": best["top1"], "config": session.config,
@@ -174,6 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
         batches=device_batches(loader, device, mean=mean, std=std, dtype=dtype),
         run=cfg.run, optim=cfg.optim, peak_lr=cfg.optim.peak_lr(global_batch), global_batch=global_batch,
         metrics=session.metrics, save=save, hooks=[Hook(cfg.eval_every, evaluate_hook)],
+        log_extra=log_parts if teacher is not None else None,
         after_update=(lambda step: ema.update(accelerator.unwrap_model(model), step=step)) if ema else None,
         desc="finetune")
     done = loop.fit(session.start_step, session.state)
@@ -198,6 +255,9 @@ def main(argv: list[str] | None = None) -> dict:
                "num_classes": num_classes, "world_size": world}
     if "ema" in result:
         summary["ema"] = result["ema"]
+    summary["arch"] = enc_cfg.get("cnn") or enc_cfg.get("hybrid") or cfg.arch
+    if teacher_info is not None:
+        summary["distill"] = teacher_info
     write_eval_json(run_dir / "eval.json", summary, accelerator)
     if accelerator.is_main_process:
         print(f"[finetune] {done.step} steps: top1 {result['top1']:.2f}  top5 {result['top5']:.2f}  on "
@@ -208,4 +268,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(PROG, main)()

@@ -64,7 +64,8 @@ class LinprobeConfig:
     optim: OptimConfig = section(OptimConfig, "LARS optimisation", blr=0.1, weight_decay=0.0, warmup_steps=10)
     data: DataSection = section(DataSection, "dataset")
     probe: ProbeSection = section(ProbeSection, "probe options")
-    encoder: str = opt(DEFAULT_ENCODER, "encoder.safetensors | official MAE .pth | timm:NAME (+encoder_weights) | random")
+    encoder: str = opt(DEFAULT_ENCODER, "encoder.safetensors | official MAE .pth | timm:NAME (+encoder_weights) | "
+                                        "random")
     encoder_weights: str | None = opt(None, "weights file for encoder=timm:NAME")
     arch: str | None = opt(None, "architecture when the checkpoint does not say: an MAE variant name or timm:NAME "
                                  "(needed by encoder=random unless a default is fine)")
@@ -122,6 +123,45 @@ class EmaSection:
 
 
 @dataclass
+class DistillSection:
+    kind: Literal["none", "hard", "soft"] = opt("none", "DeiT distillation: none, hard (cross-entropy on the teacher's "
+                                                "argmax) or soft (KL at temperature tau); hard/soft add a "
+                                                "distillation token and head to the student")
+    teacher: str | None = opt(None, "the teacher: a Tessera classifier (run directory or classifier_*.safetensors "
+                                    "beside its classifier.json) or timm:NAME with distill.teacher_weights")
+    teacher_weights: str | None = opt(None, "weights file of distill.teacher=timm:NAME (its head must have num_classes "
+                                            "outputs)")
+    teacher_mean: tuple[float, float, float] | None = opt(None, "input normalisation of a timm:NAME teacher (None: its "
+                                                                "timm pretrained_cfg's)")
+    teacher_std: tuple[float, float, float] | None = opt(None, "input normalisation std of a timm:NAME teacher (None: "
+                                                               "its timm pretrained_cfg's)")
+    tau: float = opt(1.0, "soft distillation temperature (the DeiT code's default: 1.0)")
+    alpha: float = opt(0.5, "weight of the distillation loss: (1 - alpha) * CE(cls head) + alpha * distillation "
+                            "(dist head) (the DeiT code's default: 0.5)")
+
+    def __post_init__(self) -> None:
+        if self.kind != "none" and not self.teacher:
+            raise ValueError(f"distill.kind={self.kind} needs distill.teacher= (a classifier run or timm:NAME)")
+        if self.kind == "none" and (self.teacher or self.teacher_weights):
+            raise ValueError("distill.teacher is set but distill.kind=none: set distill.kind=hard or soft, or drop "
+                             "the teacher")
+        if self.teacher and self.teacher.startswith("timm:") and not self.teacher_weights:
+            raise ValueError(f"distill.teacher={self.teacher} needs distill.teacher_weights=/path/to/weights "
+                             "(no downloads here)")
+        if self.teacher_weights and not (self.teacher or "").startswith("timm:"):
+            raise ValueError("distill.teacher_weights goes with distill.teacher=timm:NAME (a classifier run carries "
+                             "its own weights)")
+        if (self.teacher_mean is None) != (self.teacher_std is None):
+            raise ValueError("give distill.teacher_mean and distill.teacher_std together")
+        if self.tau <= 0 or not 0 <= self.alpha <= 1:
+            raise ValueError(f"distill.tau must be > 0 and distill.alpha in [0, 1], got {self.tau} and {self.alpha}")
+
+    @property
+    def active(self) -> bool:
+        return self.kind != "none"
+
+
+@dataclass
 class FinetuneConfig:
     run: RunConfig = section(RunConfig, "how the run runs", output_dir="runs/finetune", steps=300, log_every=20,
                              save_every=100)
@@ -132,9 +172,13 @@ class FinetuneConfig:
     model: ModelSection = section(ModelSection, "classifier")
     aug: AugSection = section(AugSection, "augmentation")
     ema: EmaSection = section(EmaSection, "weight EMA")
-    encoder: str = opt(DEFAULT_ENCODER, "encoder.safetensors | MAE .pth | timm:NAME (+encoder_weights) | random (scratch)")
+    distill: DistillSection = section(DistillSection, "DeiT distillation from a frozen teacher")
+    encoder: str = opt(DEFAULT_ENCODER, "encoder.safetensors | MAE .pth | timm:NAME (+encoder_weights) | random "
+                                        "(scratch)")
     encoder_weights: str | None = opt(None, "weights file for encoder=timm:NAME")
-    arch: str | None = opt(None, "architecture when the checkpoint does not say: an MAE variant name or timm:NAME")
+    arch: str | None = opt(None, "architecture when the checkpoint does not say: an MAE variant name, a hybrid ViT "
+                                 "(vit_tiny_convstem_p4_32, timm:vit_small_r26_s32_224, ...; models/hybrid.py) or "
+                                 "timm:NAME (a ViT; a CNN such as timm:resnet18 with encoder=random)")
     num_heads: int | None = opt(None, "attention heads when neither the checkpoint nor arch says (default dim/64)")
     num_classes: int | None = opt(None, "classes (None: from dataset.json; a different number is an error)")
     eval_every: int = opt(100, "evaluate every N steps (0: only at the end); the best top-1 is kept")
@@ -144,6 +188,8 @@ class FinetuneConfig:
             raise ValueError("num_classes must be >= 1")
         if self.eval_every < 0:
             raise ValueError("eval_every must be >= 0")
+        if self.distill.active and self.model.global_pool != "token":
+            raise ValueError("distillation reads the CLS and distillation tokens: set model.global_pool=token")
 
 
 @dataclass
@@ -163,4 +209,4 @@ class EvaluateConfig:
 
 
 __all__ = ["DataSection", "ProbeSection", "LinprobeConfig", "ModelSection", "AugSection", "EmaSection",
-           "FinetuneConfig", "EvaluateConfig", "DEFAULT_ENCODER"]
+           "DistillSection", "FinetuneConfig", "EvaluateConfig", "DEFAULT_ENCODER"]

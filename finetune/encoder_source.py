@@ -5,6 +5,12 @@ under timm key names (None for `random`) and an identity string (file hash) that
 architecture is read from the checkpoint's shapes; only the head count is not visible in shapes, so it comes from
 `num_heads=`, the safetensors metadata, the run's config.yaml beside the file, `arch=`, or dim/64, in that order.
 When `arch=` is given, the checkpoint must fit it: a different width/depth/patch is an error naming the keys.
+
+Besides plain ViTs, `arch=` names hybrid ViTs (`models/hybrid.py`: timm's ResNet hybrids as `timm:NAME`, the 32 px
+conv stems registered there, with or without `timm:`), whose encoder_cfg carries the timm name under `hybrid`, and
+timm CNNs (`timm:resnet18`), encoder_cfg `{"cnn": NAME, ...}`, which train from scratch only (`encoder=random`; e.g.
+a distillation teacher trained by finetune/classify.py). A hybrid's weights are checked against the architecture by
+building it (its shapes do not tell the architecture the way a plain ViT's do).
 """
 
 from __future__ import annotations
@@ -68,13 +74,21 @@ def infer_encoder_cfg(sd: dict[str, torch.Tensor]) -> dict:
 
 
 def arch_encoder_cfg(arch: str) -> dict:
-    """Encoder architecture of an MAE variant name (`models.variants`) or of `timm:NAME`."""
+    """Encoder architecture of an MAE variant name (`models.variants`), a hybrid registered in `models/hybrid.py`,
+    or `timm:NAME` (a ViT, a hybrid ViT or a CNN)."""
     if arch.startswith("timm:"):
         return _timm_cfg(arch[len("timm:"):])
+    from models.hybrid import HYBRID_MODULES, hybrid_encoder_cfg, is_hybrid
     from models.variants import MAE_VARIANTS
 
+    if is_hybrid(arch):
+        return hybrid_encoder_cfg(arch)
     if arch not in MAE_VARIANTS:
-        raise ConfigError(f"arch={arch!r} is neither an MAE variant ({', '.join(sorted(MAE_VARIANTS))}) nor timm:NAME")
+        import timm
+
+        ours = ", ".join(timm.list_models(module=HYBRID_MODULES[-1]))
+        raise ConfigError(f"arch={arch!r} is neither an MAE variant ({', '.join(sorted(MAE_VARIANTS))}), a hybrid "
+                          f"({ours}) nor timm:NAME")
     kwargs = dict(MAE_VARIANTS[arch])
     if "encoder_cfg" in kwargs:
         return dict(kwargs["encoder_cfg"])
@@ -84,12 +98,19 @@ def arch_encoder_cfg(arch: str) -> dict:
 def _timm_cfg(name: str) -> dict:
     import timm
 
+    from models.hybrid import hybrid_encoder_cfg, is_hybrid
+
+    if is_hybrid(name):
+        return hybrid_encoder_cfg(name)
     try:
         m = timm.create_model(name, pretrained=False, num_classes=0)
     except RuntimeError as exc:
         raise ConfigError(f"timm has no model {name!r}: {exc}") from None
     if not hasattr(m, "blocks") or not hasattr(m, "patch_embed"):
-        raise ConfigError(f"timm model {name!r} is not a VisionTransformer")
+        if hasattr(m, "blocks") or hasattr(m, "patch_embed") or not hasattr(m, "get_classifier"):
+            raise ConfigError(f"timm model {name!r} is neither a VisionTransformer, a hybrid ViT nor a CNN classifier")
+        size = (getattr(m, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))
+        return {"cnn": name, "img_size": int(size[-1]), "in_chans": int(size[0])}
     pe = m.patch_embed
     return {"img_size": int(pe.img_size[0]), "patch_size": int(pe.patch_size[0]), "in_chans": int(pe.proj.in_channels),
             "embed_dim": int(m.embed_dim), "depth": len(m.blocks), "num_heads": int(m.blocks[0].attn.num_heads),
@@ -150,6 +171,20 @@ def check_fits(cfg: dict, inferred: dict, where: str) -> None:
         raise ConfigError(f"checkpoint {where} does not fit the model: " + "; ".join(bad))
 
 
+def check_hybrid_fits(cfg: dict, sd: dict[str, torch.Tensor], where: str) -> None:
+    """Error naming the keys where a checkpoint disagrees with the hybrid `cfg` describes (the position embedding
+    may differ in grid: it is resampled on load; the head and final norms are not the encoder's)."""
+    from models.classifier import create_backbone
+    from models.state_check import CheckpointMismatch, check_state_dict
+
+    body = {k: v for k, v in sd.items() if k != "pos_embed" and not k.startswith(("fc_norm.", "head"))}
+    try:
+        check_state_dict(create_backbone(cfg), body, allow_missing=("pos_embed", "norm"))
+    except CheckpointMismatch as exc:
+        detail = " ".join(str(exc).split("\n", 1)[-1].split())
+        raise ConfigError(f"checkpoint {where} does not fit arch {cfg['hybrid']}: {detail[:600]}") from None
+
+
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     from models import convert
 
@@ -175,17 +210,32 @@ def resolve_encoder(spec: str, *, weights: str | None = None, arch: str | None =
             cfg["num_heads"] = num_heads
         return EncoderSource(spec, cfg, None, f"random:{arch}:{json.dumps(cfg, sort_keys=True)}:seed{seed}")
 
+    if arch_cfg is not None and "cnn" in arch_cfg:
+        raise ConfigError(f"arch={arch} is a CNN: CNNs train from scratch here (encoder=random arch={arch}); "
+                          f"to learn from trained CNN weights, give them as a distillation teacher (distill.teacher=)")
     if spec.startswith("timm:"):
         cfg = _timm_cfg(spec[len("timm:"):])
+        if "cnn" in cfg:
+            raise ConfigError(f"encoder={spec} is a CNN, not a ViT encoder; CNNs train from scratch here "
+                              f"(encoder=random arch={spec})")
         if weights is None:
             raise ConfigError(f"encoder={spec} needs encoder_weights=/path/to/weights (no downloads here); "
                               "or use encoder=random for an untrained baseline")
         sd = load_weights(weights)
-        check_fits(cfg, infer_encoder_cfg(sd), str(weights))
+        if "hybrid" in cfg:
+            check_hybrid_fits(cfg, sd, str(weights))
+        else:
+            check_fits(cfg, infer_encoder_cfg(sd), str(weights))
         return EncoderSource(spec, cfg, sd, f"sha256:{file_sha256(weights)}")
 
     path = Path(spec)
     sd = load_weights(path)
+    if arch_cfg is not None and "hybrid" in arch_cfg:
+        check_hybrid_fits(arch_cfg, sd, str(path))
+        return EncoderSource(spec, dict(arch_cfg), sd, f"sha256:{file_sha256(path)}")
+    if any(k.startswith("patch_embed.backbone.") for k in sd):
+        raise ConfigError(f"{path} holds a hybrid ViT (patch_embed.backbone.* keys): give its architecture as arch= "
+                          f"(e.g. arch=vit_tiny_convstem_p4_32 or arch=timm:vit_small_r26_s32_224)")
     inferred = infer_encoder_cfg(sd)
     if arch_cfg is not None:
         check_fits(arch_cfg, inferred, str(path))
@@ -205,5 +255,5 @@ def resolve_encoder(spec: str, *, weights: str | None = None, arch: str | None =
     return EncoderSource(spec, cfg, sd, f"sha256:{file_sha256(path)}", notes)
 
 
-__all__ = ["EncoderSource", "resolve_encoder", "infer_encoder_cfg", "arch_encoder_cfg", "check_fits", "file_sha256",
-           "load_weights"]
+__all__ = ["EncoderSource", "resolve_encoder", "infer_encoder_cfg", "arch_encoder_cfg", "check_fits",
+           "check_hybrid_fits", "file_sha256", "load_weights"]

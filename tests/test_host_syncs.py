@@ -1,4 +1,5 @@
-"""No host-device sync in steady-state training steps, for pretraining, fine-tuning and probing (issue: one loop).
+"""No host-device sync in steady-state training steps, for pretraining, fine-tuning (DeiT distillation included) and
+probing (issue: one loop).
 
 Each run goes through its real entry point (`main([...])`) under a TorchDispatchMode that records every op that makes
 the host wait for the device (`aten._local_scalar_dense`, behind `.item()`, `bool(t)`, `int(t)`; `aten.item`;
@@ -135,6 +136,31 @@ def test_finetuning_steps_do_not_sync(tiny, tmp_path, monkeypatch):
     with counter:
         classify.main(args)
     check(counter, tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["hard", "soft"])
+def test_distillation_steps_do_not_sync(tiny, tmp_path, monkeypatch, kind):
+    """DeiT distillation: a frozen timm CNN teacher on the same mixed images, renormalised to its own mean/std."""
+    import timm
+    from safetensors.torch import save_file
+
+    from data.train_stream import TrainLoader
+    from finetune import classify
+
+    teacher_file = tmp_path / "teacher.safetensors"
+    save_file(timm.create_model("test_resnet", num_classes=3).state_dict(), str(teacher_file))
+    counter = SyncCounter()
+    monkeypatch.setattr(classify, "device_batches", only_train(classify.device_batches, counter, 1, "image",
+                                                               TrainLoader))
+    args = [f"data.path={tiny['data']}", f"encoder={tiny['encoder']}", f"run.output_dir={tmp_path / 'run'}",
+            "run.trackers=none", "run.progress=false", "data.num_workers=0", "data.global_batch=8",
+            "data.eval_batch_size=4", "eval_every=0", "optim.warmup_steps=1", "optim.clip_grad=1.0",
+            f"distill.kind={kind}", "distill.teacher=timm:test_resnet", f"distill.teacher_weights={teacher_file}",
+            "distill.teacher_mean=[0.5,0.5,0.5]", "distill.teacher_std=[0.25,0.25,0.25]", "distill.tau=2.0", *CADENCE]
+    with counter:
+        classify.main(args)
+    check(counter, tmp_path / "run")
+    assert last_metrics(tmp_path / "run")["loss_distill"] >= 0  # the distillation head's loss, logged
 
 
 @pytest.mark.parametrize("cached", [True, False])
