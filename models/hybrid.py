@@ -17,11 +17,12 @@ Registering the stems with timm (`timm.models.register_model`) keeps exports loa
 pretrained_cfg_overlay=dict(file=..., num_classes=N), num_classes=N)`. `distilled=True` builds timm's
 `VisionTransformerDistilled` (DeiT's distillation token and second head) around the same stem.
 
-MAE pretraining of a hybrid is refused (`pretraining_refusal`): MAE drops the masked patches' tokens and encodes the
-visible ones, but a token of a convolutional stem is not a function of its own patch alone: overlapping receptive
-fields carry the masked pixels into the visible tokens, and the stem runs on the full image, so "masked" is not
-well defined. (Masking input pixels before the stem, SimMIM/SparK style, would be; pretraining does not offer it
-for hybrids.)
+Masked-image pretraining of a hybrid (pretrain/mae.py, every `model.objective`: mae, simmim, data2vec) is refused
+(`pretraining_refusal`): MAE drops the masked patches' tokens and SimMIM/data2vec replace them by a mask token, both
+after the patch embedding; a convolutional stem runs on the whole image first, and its overlapping receptive fields
+carry the masked pixels into the visible tokens, so the masked content is not hidden. It would be well defined if the
+masked input pixels were blanked before the stem (SimMIM applied to pixels, as SparK does for CNNs); pretraining does
+not do that.
 """
 
 from __future__ import annotations
@@ -143,10 +144,10 @@ def create_hybrid(encoder_cfg: dict, num_classes: int = 0, global_pool: str = "t
 
 
 def pretraining_refusal(name: str) -> str | None:
-    """The one-line reason MAE pretraining refuses `name`, or None when it is not a hybrid."""
+    """The one-line reason masked-image pretraining refuses `name`, or None when it is not a hybrid."""
     if not is_hybrid(name):
         return None
-    return (f"model.name={name} is a hybrid ViT (convolutional patch embedding): MAE pretraining is not defined for "
-            f"it, because overlapping convolution receptive fields carry masked pixels into the visible tokens; "
-            f"pretrain a plain ViT (an MAE variant) or train the hybrid with finetune/classify.py encoder=random "
-            f"arch={name}")
+    return (f"model.name={name} is a hybrid ViT (a convolutional patch embedding): masked-image pretraining is not "
+            f"defined for it, because the stem sees the whole image and its overlapping receptive fields carry the "
+            f"masked pixels into the visible tokens; pretrain a plain ViT (an MAE variant) or train the hybrid with "
+            f"finetune/classify.py encoder=random arch={name}")
