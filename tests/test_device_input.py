@@ -99,11 +99,15 @@ def _photo_shards(folder, n=12, seed=0) -> str:
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_stream_with_uint8_transform_resumes_bitwise(tmp_path, workers):
+def test_stream_with_uint8_transform_resumes_bitwise(tmp_path, workers, monkeypatch):
     """Batch k of a stream resumed at k equals batch k of the uninterrupted stream, bit for bit, with the uint8
     crop path (full-scale decode_jpeg and reduced-scale PIL decodes both occur at 96 px from 300-700 px JPEGs)."""
     spec = _photo_shards(tmp_path / "shards")
     tf = pretrain_transform(96, output="uint8")
+    import data.resized_crop as crop_mod
+
+    scales, real = [], crop_mod.uint8_pixels
+    monkeypatch.setattr(crop_mod, "uint8_pixels", lambda img, reduce=1: (scales.append(reduce), real(img, reduce))[1])
 
     def first(n, start=0):
         loader = build_train_loader(spec, batch_size=3, transform=tf, seed=5, num_workers=workers,
@@ -116,6 +120,8 @@ def test_stream_with_uint8_transform_resumes_bitwise(tmp_path, workers):
     resumed = first(3, start=4)
     for a, b in zip(full[4:], resumed):
         assert torch.equal(a, b)
+    if workers == 0:  # the spy sees the in-process decodes: full-scale and 1/2-scale both occurred
+        assert {1, 2} <= set(scales)
 
 
 def _take(loader, n):
