@@ -18,36 +18,129 @@ so an interrupted run never leaves a partial set behind.
 
 Writing a second split into the same folder adds it to dataset.json; rewriting an existing split, or writing into
 a folder that holds anything other than a Tessera dataset, needs `--overwrite`.
+
+The temporary folder is `OUT/.tmp-<split>-<pid>/` (with `.owner.json`: host, pid, process start time). It is removed
+when the writer fails, is interrupted (Ctrl-C) or gets SIGTERM/SIGHUP (exit code 128 + signal); one left by a writer
+that was killed outright (SIGKILL, power loss) is removed by the next writer into OUT once its process is gone.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import io
 import json
+import logging
 import multiprocessing
 import os
 import random
 import shutil
+import signal
+import socket
 import sys
+import threading
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
+import psutil
 import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+if __package__ in (None, ""):  # `python data/make_shards.py`: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data.worker_signals import ignore_stop_signals  # noqa: E402
+
 FORMAT = "tessera-wds/1"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".tif", ".tiff", ".gif"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".tif", ".tiff", ".gif", ".npy"}
 # Suffixes stored as they are; anything else (bmp, tiff, ...) is re-encoded losslessly as png.
 STORED_AS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 FIXED_MTIME = 0.0  # tar member timestamps, so the same input gives the same tar members
+PROG = "data/make_shards.py"
+
+
+OWNER_FILE = ".owner.json"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+log = logging.getLogger(__name__)
 
 
 class ShardWriteError(RuntimeError):
     """Bad input or output location for the shard writer (the message names the path)."""
+
+
+class WriteInterrupted(BaseException):
+    """The writer got SIGTERM/SIGHUP; its temporary folder has been removed. `signum` says which. A BaseException,
+    like KeyboardInterrupt, so that the per-image `except Exception` does not take it for a bad image."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _raise_on_stop_signals():
+    """Turn SIGTERM/SIGHUP into WriteInterrupted in the main thread, so `finally` blocks clean up."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise WriteInterrupted(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _pool_worker_init() -> None:
+    """Pool workers survive SIGTERM/SIGHUP sent to the whole process group (`timeout`, SLURM, a closed terminal):
+    only the parent handles them, then ends its pool (`Pool.terminate`, SIGTERM from the parent, which still ends a
+    worker). A worker killed by a group signal could die holding the pool's queue lock and hang that terminate."""
+    ignore_stop_signals()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # (SIGTERM stays blocked: see ignore_stop_signals)
+
+
+def _owner() -> dict:
+    try:
+        created = psutil.Process().create_time()
+    except psutil.Error:
+        created = None
+    return {"host": socket.gethostname(), "pid": os.getpid(), "create_time": created}
+
+
+def _writer_alive(tmp: Path) -> bool:
+    """Is the writer that owns temporary folder `tmp` still running? Unknown (another host) counts as alive."""
+    try:
+        owner = json.loads((tmp / OWNER_FILE).read_text())
+    except (OSError, ValueError):
+        owner = {"host": socket.gethostname(), "pid": tmp.name.rsplit("-", 1)[-1], "create_time": None}
+    if owner.get("host") != socket.gethostname():
+        return True
+    try:
+        proc = psutil.Process(int(owner["pid"]))
+        created = owner.get("create_time")
+        return created is None or abs(proc.create_time() - created) < 1.0
+    except (psutil.NoSuchProcess, ValueError, TypeError, KeyError):
+        return False
+    except psutil.Error:
+        return True
+
+
+def clean_stale_tmp(out: Path) -> list[Path]:
+    """Remove `.tmp-<split>-<pid>` folders in `out` left by writers that are no longer running; return them."""
+    removed = []
+    for tmp in out.glob(".tmp-*-*"):
+        if tmp.is_dir() and not _writer_alive(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+            log.warning("removed %s, left by a shard writer that is no longer running", tmp)
+    return removed
 
 
 # ----------------------------------------------------------------------------------------------- listing inputs
@@ -99,6 +192,9 @@ def _read_and_check(job: tuple[int, str, int, int | None]) -> dict:
     """Read one file and validate it; runs in a pool worker. Returns the bytes to store or the reason to skip."""
     index, path, label, resize = job
     try:
+        kept = _read_kept_depth(index, path, label, resize)  # .npy, 16-bit and float images keep their pixels
+        if kept is not None:
+            return _with_stats(kept)
         with open(path, "rb") as f:
             raw = f.read()
         with Image.open(io.BytesIO(raw)) as img:
@@ -128,15 +224,134 @@ def _read_and_check(job: tuple[int, str, int, int | None]) -> dict:
                 raw, ext = buf.getvalue(), "png"
     except Exception as exc:  # any decoder error means: skip this file and report it
         return {"index": index, "path": path, "error": f"{type(exc).__name__}: {exc}"}
-    return {"index": index, "path": path, "label": label, "ext": ext, "data": raw, "size": (width, height)}
+    return _with_stats({"index": index, "path": path, "label": label, "ext": ext, "data": raw,
+                        "size": (width, height)})
 
 
 def _validated(jobs: list, workers: int) -> Iterable[dict]:
     if workers <= 1:
         yield from map(_read_and_check, jobs)
         return
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    # the stop signals stay blocked while the workers are forked, until their initializer has set them up: one that
+    # arrives in between waits (then reaches the parent, or is ignored by a worker) instead of killing a worker
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        pool = multiprocessing.get_context("fork").Pool(workers, initializer=_pool_worker_init)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    with pool:
         yield from pool.imap(_read_and_check, jobs, chunksize=32)
+
+
+# ------------------------------------------------------------------ bit depth, channel count, per-channel statistics
+# 16-bit and float images and `.npy` arrays keep their pixels: PNG as it is (16-bit grayscale TIFF re-encoded as
+# 16-bit PNG), everything else, and anything resized, as an `.npy` [H, W, C] array. data/decode.py reads them back.
+def _array_bytes(pixels) -> bytes:
+    """A [C, H, W] tensor as `.npy` bytes of an [H, W, C] array (its dtype kept)."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(pixels.permute(1, 2, 0).numpy()), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _resized(pixels, resize: int):
+    """A [C, H, W] tensor with its shorter side scaled down to `resize` (antialiased bicubic), dtype kept."""
+    import torch
+
+    h, w = pixels.shape[-2:]
+    scale = resize / min(h, w)
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    out = torch.nn.functional.interpolate(pixels[None].double(), size=size, mode="bicubic", antialias=True)[0]
+    if pixels.dtype.is_floating_point:
+        return out.to(pixels.dtype)
+    top = float(torch.iinfo(pixels.dtype).max)
+    return out.round().clamp(0, top).to(torch.int32).to(pixels.dtype)
+
+
+def _read_kept_depth(index: int, path: str, label: int, resize: int | None) -> dict | None:
+    """The stored sample of an `.npy` array or of a 16-bit or float image (decoded as data/decode.py will), or
+    None for an 8-bit image (the PIL path of `_read_and_check`). Raises on unreadable data."""
+    from data.decode import HIGH_DEPTH_MODES, array_pixels, decode_image, png_bit_depth
+
+    with open(path, "rb") as f:
+        raw = f.read()
+    suffix = Path(path).suffix.lower()
+    if suffix == ".npy":
+        pixels, ext = array_pixels(raw), "npy"
+    elif png_bit_depth(raw) == 16:
+        pixels, ext = decode_image({"png": raw}), "png"
+    else:
+        with Image.open(io.BytesIO(raw)) as img:
+            if img.mode not in HIGH_DEPTH_MODES:
+                return None
+            img.load()
+            ext = "png" if img.mode.startswith("I;16") else "npy"
+            if ext == "png" and suffix != ".png":  # a 16-bit grayscale TIFF: the same pixels as a 16-bit PNG
+                buf = io.BytesIO()
+                img.save(buf, format="PNG")
+                raw = buf.getvalue()
+        pixels = decode_image({"png" if ext == "png" else "tif": raw})
+    if resize and min(pixels.shape[-2:]) > resize:
+        pixels, ext = _resized(pixels, resize), "npy"
+    if ext == "npy":
+        raw = _array_bytes(pixels)
+    height, width = pixels.shape[-2:]
+    return {"index": index, "path": path, "label": label, "ext": ext, "data": raw, "size": (width, height)}
+
+
+def _with_stats(res: dict) -> dict:
+    """The result with `stats`: [channels, dtype, per-channel sum, sum of squares, pixels] of the stored image as the
+    loaders decode it, in [0, 1] (divided by the dtype's maximum). An 8-bit grayscale image counts as 1 channel."""
+    if "error" in res:
+        return res
+    import numpy as np
+
+    from data.decode import decode_image, unit_float
+
+    pixels = decode_image({res["ext"]: res["data"], "__key__": res["path"]})
+    if isinstance(pixels, Image.Image):
+        with Image.open(io.BytesIO(res["data"])) as head:
+            gray = head.mode in ("1", "L", "LA")
+        arr = np.asarray(pixels, dtype=np.float64).reshape(-1, 3)[:, :1 if gray else 3] / 255.0  # [H*W, C]
+        dtype = "uint8"
+    else:
+        arr = unit_float(pixels).double().reshape(pixels.shape[0], -1).T.numpy()  # [H*W, C]
+        dtype = str(pixels.dtype).removeprefix("torch.")
+    res["stats"] = [arr.shape[1], dtype, arr.sum(0).tolist(), (arr * arr).sum(0).tolist(), arr.shape[0]]
+    return res
+
+
+def _add_stats(acc: dict, stats: list) -> None:
+    """Accumulate one image's statistics by channel count (float64 sums)."""
+    channels, dtype, sums, squares, n = stats
+    a = acc.setdefault(channels, {"sum": [0.0] * channels, "sq": [0.0] * channels, "n": 0, "dtypes": set()})
+    a["sum"] = [x + y for x, y in zip(a["sum"], sums)]
+    a["sq"] = [x + y for x, y in zip(a["sq"], squares)]
+    a["n"] += n
+    a["dtypes"].add(dtype)
+
+
+def _channel_stats(acc: dict) -> dict:
+    """dataset.json's `channels`, `dtype`, `mean` and `std` (population, per channel, over every pixel). 1-channel
+    images in a C-channel split count in every channel (the loaders repeat them, as PIL's grayscale -> RGB);
+    other mixtures of channel counts record `channels: null` and no statistics."""
+    if not acc:
+        return {}
+    top = max(acc)
+    dtypes = set().union(*(a["dtypes"] for a in acc.values()))
+    dtype = next(d for d in ("float32", "uint16", "uint8") if d in dtypes)
+    if set(acc) - {1, top}:
+        return {"channels": None, "dtype": dtype}
+    sums, squares, n = [0.0] * top, [0.0] * top, 0
+    for channels, a in acc.items():
+        for c in range(top):  # channels is 1 (repeated: c % 1 == 0) or top (c % top == c)
+            sums[c] += a["sum"][c % channels]
+            squares[c] += a["sq"][c % channels]
+        n += a["n"]
+    mean = [s / n for s in sums]
+    std = [max(q / n - m * m, 0.0) ** 0.5 for q, m in zip(squares, mean)]
+    return {"channels": top, "dtype": dtype, "mean": [round(m, 6) for m in mean], "std": [round(s, 6) for s in std]}
 
 
 # ------------------------------------------------------------------------------------------------ output folder
@@ -201,6 +416,15 @@ def write_shards(
             raise ShardWriteError("no images given")
     out = Path(output)
     meta = _prepare_output(out, split, overwrite)
+    clean_stale_tmp(out)
+    with _raise_on_stop_signals():
+        return _write(items, class_names, out, meta, split=split, shard_size=shard_size,
+                      max_shard_bytes=max_shard_bytes, shuffle=shuffle, seed=seed, workers=workers, resize=resize,
+                      compress=compress, progress=progress)
+
+
+def _write(items, class_names, out: Path, meta: dict, *, split, shard_size, max_shard_bytes, shuffle, seed, workers,
+           resize, compress, progress) -> dict:
     t0 = time.perf_counter()
 
     order = list(range(len(items)))
@@ -211,14 +435,16 @@ def write_shards(
 
     ext = ".tar.gz" if compress else ".tar"
     tmp = out / f".tmp-{split}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     shards: list[dict] = []
     skipped: list[dict] = []
     image_keys: dict[str, int] = {}
+    pixel_stats: dict[int, dict] = {}
+    writer = None  # the writer opens a shard on creation: start it at the first valid image
+    results = _validated(jobs, workers)
     try:
-        first: dict | None = None  # the writer opens a shard on creation: start it at the first valid image
-        writer = None
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        (tmp / OWNER_FILE).write_text(json.dumps(_owner()))
 
         gz_files: dict[str, gzip.GzipFile] = {}
 
@@ -231,7 +457,7 @@ def write_shards(
                 gz_files.pop(fname).close()
             shards.append({"name": Path(fname).name, "num_samples": writer.count, "bytes": os.path.getsize(fname)})
 
-        bar = tqdm(_validated(jobs, workers), total=len(jobs), desc=f"shards {split}", unit="img", disable=not progress)
+        bar = tqdm(results, total=len(jobs), desc=f"shards {split}", unit="img", disable=not progress)
         for res in bar:
             if "error" in res:
                 skipped.append({"path": res["path"], "reason": res["error"]})
@@ -247,6 +473,7 @@ def write_shards(
                 sample["cls"] = str(res["label"]).encode()
             writer.write(sample)
             image_keys[res["ext"]] = image_keys.get(res["ext"], 0) + 1
+            _add_stats(pixel_stats, res["stats"])
         bar.close()
         if writer is None:
             raise ShardWriteError(f"no valid image in the input ({len(skipped)} skipped: {skipped[:3]})")
@@ -259,6 +486,11 @@ def write_shards(
             if old.name not in new_names:
                 old.unlink()
     finally:
+        results.close()  # ends the worker pool now, while its helper threads still run (not at interpreter exit)
+        if getattr(writer, "tarstream", None) is not None:  # interrupted mid-shard: close before removing
+            with contextlib.suppress(Exception):
+                writer.tarstream.close()
+                writer.tarstream = None
         shutil.rmtree(tmp, ignore_errors=True)
     seconds = time.perf_counter() - t0
 
@@ -274,6 +506,7 @@ def write_shards(
         "shuffled": shuffle,
         "seed": seed,
         "resize": resize,
+        **_channel_stats(pixel_stats),  # channels, dtype, per-channel mean and std: the runs' default normalisation
     }
     meta.setdefault("splits", {})[split] = entry
     meta["format"] = FORMAT
@@ -316,7 +549,12 @@ def main(argv: list[str] | None = None) -> dict:
                            max_shard_bytes=args.max_shard_bytes, shuffle=args.shuffle, seed=args.seed,
                            workers=args.workers, resize=args.resize, compress=args.compress, overwrite=args.overwrite)
     except ShardWriteError as exc:
-        raise SystemExit(f"make_shards: error: {exc}") from None
+        print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except WriteInterrupted as exc:
+        print(f"{PROG}: {exc}; the temporary shards were removed, nothing was written to {args.output}",
+              file=sys.stderr, flush=True)
+        raise SystemExit(128 + exc.signum) from None
     print(_summary(args.split, Path(args.output), res))
     return res
 

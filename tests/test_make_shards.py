@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from data.make_shards import ShardWriteError, main, write_shards
 from data.info import DatasetError, resolve
+from data.make_shards import ShardWriteError, main, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
@@ -138,8 +138,78 @@ def test_cli_summary(image_folder, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "20 images in 3 shards" in text and "images/s" in text and "skipped 2" in text and "noise.jpg" in text
     assert len(list((tmp_path / "o").glob("val-*.tar.gz"))) == 3
-    with pytest.raises(SystemExit, match="not empty"):
+    with pytest.raises(SystemExit) as err:
         main(["--input", str(src), "--output", str(tmp_path / "o"), "--split", "val"])
+    assert err.value.code == 2
+    assert capsys.readouterr().err.startswith("data/make_shards.py: error: output folder")
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
+
+
+def test_stale_temporary_folder_of_a_dead_writer_is_removed(image_folder, tmp_path):
+    """Issue 12 item 10: a writer killed outright leaves `.tmp-<split>-<pid>/`; the next writer removes it, but not
+    the folder of a writer that is still running."""
+    import subprocess
+    import sys
+
+    src, _ = image_folder
+    out = tmp_path / "o"
+    stale = out / f".tmp-train-{_dead_pid()}"
+    stale.mkdir(parents=True)
+    (stale / "train-000000.tar").write_bytes(b"x" * 1000)
+    alive = subprocess.Popen([sys.executable, "-c", "input()"], stdin=subprocess.PIPE)
+    try:
+        busy = out / f".tmp-val-{alive.pid}"
+        busy.mkdir()
+        write_shards(src, out, split="train", workers=1, progress=False)
+        assert not stale.exists() and busy.exists()
+    finally:
+        alive.communicate(b"\n", timeout=30)
+    write_shards(src, out, split="test", workers=1, progress=False)
+    assert not busy.exists()  # its writer has ended now
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_removes_the_temporary_folder(image_folder, tmp_path, workers):
+    """SIGTERM to the writer's process group while it writes (it blocks reading a FIFO among the inputs, so the
+    signal arrives mid-write): exit 128+15, a one-line message, no temporary folder and no shards left."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src, good = image_folder
+    fifo = tmp_path / "slow.jpg"
+    os.mkfifo(fifo)
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join([*list(good)[:3], str(fifo), *list(good)[3:]]) + "\n")
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "data" / "make_shards.py"), "--input", str(listing),
+                             "--output", str(out), "--workers", str(workers), "--no-shuffle", "--shard-size", "2"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    # one process: wait for its first shard (it then blocks on the FIFO); with a pool the images come back in chunks,
+    # so the first shard waits for the FIFO too: wait for the temporary folder
+    started = ".tmp-train-*/train-000000.tar" if workers == 1 else ".tmp-train-*/.owner.json"
+    deadline = time.monotonic() + 60
+    while not list(out.glob(started)) and proc.poll() is None:
+        assert time.monotonic() < deadline, f"the writer never got to {started}"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    last = err.strip().splitlines()[-1]  # (above it: the progress bar)
+    assert last.startswith("data/make_shards.py: interrupted by SIGTERM") and "removed" in last
+    assert "Traceback" not in err
+    assert list(out.iterdir()) == []
 
 
 def test_shipped_sample_is_small_balanced_and_described():
