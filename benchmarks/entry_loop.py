@@ -109,18 +109,29 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--window", type=int, default=10, help="steps per timed window (run.log_every)")
     p.add_argument("--skip", type=int, default=1, help="leading windows dropped (compilation, warm-up)")
     p.add_argument("--modes", default="synthetic,e2e", help="comma list: synthetic, e2e (in this order)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run the modes this many times, alternating (A B A B: a changing load hits both alike); "
+                        "the median over every kept window is reported")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     config_args = [*args.config, f"{ENTRIES[args.entry][1]}={args.data}"]
     rows, results = [], {}
+    kept: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="tessera-loop-") as tmp:
-        for mode in args.modes.split(","):
-            res = run_once(args.entry, config_args, mode == "synthetic", Path(tmp) / mode, args.window)
-            kept = res["images_per_sec_windows"][args.skip:] or res["images_per_sec_windows"][-1:]
-            res.update(images_per_sec=statistics.median(kept), windows_kept=len(kept))
-            results[mode] = res
-            rows.append({"mode": mode, "img_s": res["images_per_sec"], "windows": len(kept),
-                         "spread": f"{min(kept):.1f}-{max(kept):.1f}", "loss": res["summary"].get("loss")})
+        for rep in range(args.repeat):
+            for mode in args.modes.split(","):
+                res = run_once(args.entry, config_args, mode == "synthetic", Path(tmp) / f"{mode}{rep}", args.window)
+                windows = res["images_per_sec_windows"]
+                kept.setdefault(mode, []).extend(windows[args.skip:] or windows[-1:])
+                results.setdefault(mode, {"runs": []})["runs"].append(res)
+        for mode, values in kept.items():
+            results[mode].update(images_per_sec=statistics.median(values), windows_kept=len(values),
+                                 images_per_sec_windows=[w for r in results[mode]["runs"]
+                                                         for w in r["images_per_sec_windows"]],
+                                 summary=results[mode]["runs"][-1]["summary"])
+            rows.append({"mode": mode, "img_s": results[mode]["images_per_sec"], "windows": len(values),
+                         "spread": f"{min(values):.1f}-{max(values):.1f}",
+                         "loss": results[mode]["summary"].get("loss")})
     if "synthetic" in results and "e2e" in results:
         results["e2e_over_synthetic"] = results["e2e"]["images_per_sec"] / results["synthetic"]["images_per_sec"]
         rows.append({"mode": "e2e / synthetic", "img_s": results["e2e_over_synthetic"]})
