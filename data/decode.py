@@ -10,6 +10,12 @@ first draw its crop and then decode at the smallest scale the crop allows (`uint
 through `torchvision.io.decode_jpeg` at full scale. A corrupt body is therefore found when the pixels are decoded:
 `load_image` and `uint8_pixels` raise `CorruptSample` then, which the loaders catch around the transform too.
 Other formats and modes (PNG, grayscale or CMYK JPEG) are decoded and converted to RGB at once, as before.
+
+Beyond 8-bit RGB: a 16-bit PNG (any channel count, read by libpng through `torchvision.io.decode_png`), a PIL image
+in a 16-bit or float mode (16-bit grayscale TIFF) and an `.npy` array ([H, W] or [H, W, C]; uint8, uint16 or
+float32) come back as a [C, H, W] tensor of their own dtype, never through `convert("RGB")` (which turns 16-bit
+pixels white). `LoadPixels(channels)`, the first stage of the float transforms, brings any of these to the model's
+channel count and, for tensors, to float in [0, 1] (divided by the dtype's maximum: 255, 65535).
 """
 
 from __future__ import annotations
@@ -20,15 +26,22 @@ import warnings
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import decode_jpeg
+from torchvision.io import ImageReadMode, decode_jpeg, decode_png
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff", "npy")
 FORMAT_OF_KEY = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 # attribute of an unloaded JPEG from decode_image holding its encoded bytes (PIL images take extra attributes)
 ENCODED = "tessera_encoded"
 # DCT-scaled decoding stops while the region is still this many times the output size, and the antialiased resize
 # does the rest (PIL's `Image.thumbnail(reducing_gap=2.0)` rule: then the result is hard to tell from a full decode)
 REDUCING_GAP = 2.0
+
+
+# PIL modes with more than 8 bits per pixel: returned as tensors ("I" holds 16-bit PNG/TIFF values on older Pillows)
+HIGH_DEPTH_MODES = {"I;16": np.uint16, "I;16B": np.uint16, "I;16L": np.uint16, "I;16N": np.uint16, "I": np.uint16,
+                    "F": np.float32}
+ARRAY_DTYPES = (np.uint8, np.uint16, np.float32)  # `.npy` sample dtypes
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class CorruptSample(ValueError):
@@ -50,7 +63,38 @@ def _open(data: bytes, key: str) -> Image.Image:
     return Image.open(io.BytesIO(data))
 
 
-def decode_image(sample: dict, draft_size: int | None = None) -> Image.Image:
+def png_bit_depth(data: bytes) -> int | None:
+    """Bits per channel of a PNG (its IHDR header), None for anything else."""
+    return data[24] if len(data) > 25 and data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR" else None
+
+
+def array_pixels(data: bytes) -> torch.Tensor:
+    """An `.npy` sample ([H, W] or [H, W, C]; uint8, uint16 or float32) as a [C, H, W] tensor of its own dtype."""
+    arr = np.load(io.BytesIO(data), allow_pickle=False)
+    arr = arr[:, :, None] if arr.ndim == 2 else arr
+    if arr.ndim != 3 or arr.dtype not in ARRAY_DTYPES or min(arr.shape) < 1:
+        raise ValueError(f"an image array must be [H, W] or [H, W, C] of {[np.dtype(t).name for t in ARRAY_DTYPES]}, "
+                         f"got {arr.dtype} {arr.shape}")
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # [C, H, W]
+
+
+def high_depth_pixels(img: Image.Image) -> torch.Tensor:
+    """A loaded PIL image in a 16-bit or float mode as a [1, H, W] uint16 / float32 tensor (values unchanged)."""
+    arr = np.asarray(img)
+    dtype = HIGH_DEPTH_MODES[img.mode]
+    if dtype is np.uint16:
+        arr = np.clip(arr, 0, 65535)
+    return torch.from_numpy(np.ascontiguousarray(arr.astype(dtype)))[None]  # [1, H, W]
+
+
+def unit_float(x: torch.Tensor) -> torch.Tensor:
+    """Integer pixels as float32 divided by the dtype's maximum (uint8 255, uint16 65535); floats as float32."""
+    if x.dtype.is_floating_point:
+        return x.float()
+    return x.float() / float(torch.iinfo(x.dtype).max)
+
+
+def decode_image(sample: dict, draft_size: int | None = None) -> Image.Image | torch.Tensor:
     """The sample's image as RGB. Without `draft_size` an RGB JPEG comes back unloaded (see the module docstring);
     with it, JPEGs are decoded at once at the smallest 1/2^k scale whose both sides are still >= draft_size (PIL
     `Image.draft`). Other formats are decoded at full size."""
@@ -59,6 +103,10 @@ def decode_image(sample: dict, draft_size: int | None = None) -> Image.Image:
         raise CorruptSample(f"sample {sample.get('__key__')!r} has no image (keys: {sorted(sample)})")
     data = sample[key]
     try:
+        if key == "npy":
+            return array_pixels(data)
+        if png_bit_depth(data) == 16:  # PIL would keep 8 of the 16 bits of a colour PNG
+            return decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
         img = _open(data, key)
         if img.format == "JPEG" and img.mode == "RGB" and not draft_size:
             setattr(img, ENCODED, bytes(data))
@@ -66,6 +114,8 @@ def decode_image(sample: dict, draft_size: int | None = None) -> Image.Image:
         if draft_size and img.format == "JPEG":
             img.draft("RGB", (draft_size, draft_size))
         img.load()
+        if img.mode in HIGH_DEPTH_MODES:
+            return high_depth_pixels(img)
         return img.convert("RGB") if img.mode != "RGB" else img
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
         raise CorruptSample(f"{_where(sample)}: {exc}") from exc
@@ -140,5 +190,37 @@ def uint8_pixels(img: Image.Image | torch.Tensor, reduce: int = 1) -> tuple[torc
     return _pil_to_chw(img), 1.0
 
 
-__all__ = ["CorruptSample", "IMAGE_KEYS", "decode_image", "decode_label", "dct_reduction", "is_unloaded_jpeg",
-           "load_image", "uint8_pixels"]
+class LoadPixels:
+    """First stage of the float transforms: the decoded image with the model's `channels`.
+
+    An 8-bit PIL image comes back as a PIL image in mode "RGB" (3 channels) or "L" (1); a tensor (16-bit, float or
+    `.npy` pixels) as float32 [C, H, W] in [0, 1] (`unit_float`). One channel is repeated to `channels`, as PIL turns
+    grayscale into RGB; any other disagreement is a ValueError naming both counts (a dataset that does not fit
+    `model.in_chans`)."""
+
+    def __init__(self, channels: int = 3):
+        self.channels = channels
+
+    def __call__(self, img: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
+        if isinstance(img, Image.Image):
+            img = load_image(img)
+            if self.channels in (1, 3):
+                mode = "L" if self.channels == 1 else "RGB"
+                return img if img.mode == mode else img.convert(mode)
+            img = torch.from_numpy(np.array(img.convert("L") if img.mode in ("L", "P") else img))
+            img = img[None] if img.ndim == 2 else img.permute(2, 0, 1)  # [C, H, W]
+        x = unit_float(img)
+        if x.shape[0] == 1 and self.channels != 1:
+            return x.expand(self.channels, -1, -1).contiguous()
+        if x.shape[0] != self.channels:
+            raise ValueError(f"an image with {x.shape[0]} channels where the model takes {self.channels} "
+                             f"(model.in_chans); write the shards with that many channels, or set model.in_chans")
+        return x
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(channels={self.channels})"
+
+
+__all__ = ["CorruptSample", "IMAGE_KEYS", "LoadPixels", "array_pixels", "decode_image", "decode_label",
+           "dct_reduction", "high_depth_pixels", "is_unloaded_jpeg", "load_image", "png_bit_depth", "uint8_pixels",
+           "unit_float"]

@@ -272,11 +272,13 @@ def _resized(pixels, resize: int):
 def _read_kept_depth(index: int, path: str, label: int, resize: int | None) -> dict | None:
     """The stored sample of an `.npy` array or of a 16-bit or float image (decoded as data/decode.py will), or
     None for an 8-bit image (the PIL path of `_read_and_check`). Raises on unreadable data."""
+    suffix = Path(path).suffix.lower()
+    if suffix in (".jpg", ".jpeg", ".webp", ".gif"):  # 8 bits per channel as PIL reads them
+        return None
     from data.decode import HIGH_DEPTH_MODES, array_pixels, decode_image, png_bit_depth
 
     with open(path, "rb") as f:
         raw = f.read()
-    suffix = Path(path).suffix.lower()
     if suffix == ".npy":
         pixels, ext = array_pixels(raw), "npy"
     elif png_bit_depth(raw) == 16:

@@ -16,8 +16,10 @@ Input: what `data.decode.decode_image` gives (an unloaded RGB JPEG or any PIL im
   with the training loop.
 - `eval_transform`: resize the shorter side to img_size / crop_pct, center crop (timm's eval transform). uint8:
   `data.resized_crop.ResizeCenterCrop`.
-PIL paths start with `data.decode.load_image`, so an undecodable image raises `CorruptSample` (counted and skipped
-by the loaders) rather than PIL's OSError. The loaders seed Python's, NumPy's and torch's global RNGs per sample
+PIL paths start with `data.decode.LoadPixels(len(mean))` (which loads the image, so an undecodable one raises
+`CorruptSample`, counted and skipped by the loaders, rather than PIL's OSError): the channel count follows mean/std,
+and 16-bit, float and `.npy` pixels continue as float tensors in [0, 1] through the same crops and flips.
+The loaders seed Python's, NumPy's and torch's global RNGs per sample
 before calling a transform, so these transforms are reproducible without holding generators of their own.
 """
 
@@ -26,9 +28,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data.transforms import MaybeToTensor
 from torchvision import transforms as T
 
-from data.decode import load_image
+from data.decode import LoadPixels
 from data.pillow_compat import install as install_posterize_fix
 from data.resized_crop import RandomResizedCropFlip, ResizeCenterCrop
 
@@ -60,10 +63,10 @@ def pretrain_transform(img_size: int, mean: Sequence[float] = IMAGENET_MEAN, std
     if output == "uint8":
         return RandomResizedCropFlip(img_size, scale=scale, hflip=hflip, interpolation="bicubic")
     return T.Compose([
-        load_image,
+        LoadPixels(len(mean)),
         T.RandomResizedCrop(img_size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(hflip),
-        T.ToTensor(),
+        MaybeToTensor(),  # ToTensor for PIL images; tensors are already float in [0, 1]
         T.Normalize(mean, std),
     ])
 
@@ -84,7 +87,7 @@ def finetune_transform(img_size: int, mean: Sequence[float] = IMAGENET_MEAN, std
         color_jitter=color_jitter, scale=scale, interpolation=interpolation, hflip=hflip,
         mean=tuple(mean), std=tuple(std), use_prefetcher=output == "uint8",
     )
-    return T.Compose([load_image, *timm_tf.transforms])
+    return T.Compose([LoadPixels(len(mean)), *timm_tf.transforms])
 
 
 def eval_transform(img_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
@@ -99,4 +102,4 @@ def eval_transform(img_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Se
         return ResizeCenterCrop(img_size, crop_pct, interpolation)
     timm_tf = create_transform(img_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation,
                                mean=tuple(mean), std=tuple(std))
-    return T.Compose([load_image, *timm_tf.transforms])
+    return T.Compose([LoadPixels(len(mean)), *timm_tf.transforms])

@@ -12,7 +12,6 @@ from typing import Any, Literal
 
 import yaml
 
-from data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from launch.config import opt, section
 from launch.sections import GLOBAL_HELP, MICRO_HELP, OptimConfig, RunConfig, check_batch_keys
 from models.objectives import DEFAULT_MASKING, check_objective, default_target
@@ -33,6 +32,8 @@ class ModelConfig:
     mask_min_block: int = opt(16, "block masks: smallest block, in patches (BEiT: 16; at most a quarter of the grid)")
     mask_max_block: int | None = opt(None, "block masks: largest block, in patches (None: the remaining budget)")
     norm_pix_loss: bool = opt(False, "regress per-patch normalised pixels (the published recipe; reconstructions then look flat)")
+    in_chans: int | None = opt(None, "image channels (1 grayscale, 3 RGB, N multispectral); None: dataset.json's "
+                                     "channels, else 3")
     init_from: str | None = opt(None, "continued pretraining: start from these weights (a run dir, mae/encoder."
                                       "safetensors, a ZeRO-3 consolidation, an official .pth, an HF ViTMAE dir, timm "
                                       "weights) with a fresh optimizer and schedule")
@@ -70,8 +71,9 @@ class DataConfig:
     micro_batch: int | None = opt(64, MICRO_HELP)
     global_batch: int | None = opt(None, GLOBAL_HELP)
     num_workers: int = opt(2, "loader worker processes per rank")
-    mean: tuple[float, float, float] = opt(IMAGENET_MEAN, "normalisation mean (RGB)")
-    std: tuple[float, float, float] = opt(IMAGENET_STD, "normalisation std (RGB)")
+    mean: tuple[float, ...] | None = opt(None, "normalisation mean per channel; None: dataset.json's (written by "
+                                         "data/make_shards.py), else ImageNet's for 3 channels, else 0.5")
+    std: tuple[float, ...] | None = opt(None, "normalisation std per channel; None: as mean (else 0.5)")
     shuffle_buffer: int | None = opt(None, "sample shuffle buffer per worker; None: the loader's default")
 
     EXCLUSIVE = (("micro_batch", "global_batch"),)

@@ -28,9 +28,9 @@ from safetensors.torch import save_file
 
 from data.device_input import device_batches
 from data.eval_stream import build_eval_loader
-from data.info import resolve
+from data.info import DatasetError, resolve
 from data.train_stream import build_train_loader
-from data.transforms import eval_transform, pretrain_transform
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, pretrain_transform
 from launch.accel import build_accelerator, configure_deepspeed, input_dtype, zero_stage
 from launch.checkpoint import ResumeMismatch, export_state_dict, frozen_parameters, model_fingerprint
 from launch.config import ConfigError, parse_cli
@@ -66,7 +66,8 @@ def build_model(cfg: PretrainConfig):
         return create_pretrainer(m.objective, m.name, target=m.target, norm_pix_loss=m.norm_pix_loss,
                                  hog_cell=cfg.hog.cell, hog_bins=cfg.hog.bins, loss_beta=cfg.data2vec.loss_beta,
                                  img_size=m.img_size, mask_ratio=m.mask_ratio, mask_type=m.mask_type,
-                                 mask_min_block=m.mask_min_block, mask_max_block=m.mask_max_block, **m.overrides)
+                                 mask_min_block=m.mask_min_block, mask_max_block=m.mask_max_block,
+                                 **{**m.overrides, **({"in_chans": m.in_chans} if m.in_chans else {})})
     except ValueError as exc:  # a combination of model/hog keys the model cannot be built with
         raise ConfigError(f"model: {exc}") from None
 
@@ -80,6 +81,34 @@ def build_teacher(cfg: PretrainConfig, model) -> EmaTeacher | None:
         raise ConfigError(f"data2vec.top_k={d.top_k} exceeds the encoder depth {len(model.encoder.blocks)}")
     return EmaTeacher(model.encoder, top_k=d.top_k, decay=d.ema_decay, end_decay=d.ema_end_decay,
                       schedule=d.ema_schedule, total_steps=cfg.run.steps)
+
+
+def with_dataset_defaults(cfg: PretrainConfig, say: bool = True) -> PretrainConfig:
+    """The config with `model.in_chans` and `data.mean`/`data.std` filled in where None: from the training split's
+    dataset.json (`channels`, `mean`, `std`, written by data/make_shards.py), else 3 channels and ImageNet's
+    statistics (0.5 for other channel counts, said in a note). `build_model` gives the model `model.in_chans`."""
+    try:
+        meta = resolve(local_spec(cfg.data.train)).meta or {}
+    except DatasetError as exc:
+        raise ConfigError(f"data.train: {exc}") from None
+    m, d = cfg.model, cfg.data
+    chans = int(m.in_chans or m.overrides.get("in_chans") or meta.get("channels") or 3)
+    stats = meta if meta.get("channels") == chans and meta.get("mean") and meta.get("std") else {}
+    default_mean, default_std = (IMAGENET_MEAN, IMAGENET_STD) if chans == 3 else ((0.5,) * chans, (0.5,) * chans)
+    mean = tuple(d.mean or stats.get("mean") or default_mean)
+    std = tuple(d.std or stats.get("std") or default_std)
+    for key, values in (("data.mean", mean), ("data.std", std)):
+        if len(values) != chans:
+            raise ConfigError(f"{key} has {len(values)} values but the images have {chans} channels (model.in_chans)")
+    if say and chans != 3 and not (d.mean or stats):
+        print(f"note: no per-channel statistics for {cfg.data.train} in dataset.json (write the shards with "
+              f"data/make_shards.py); normalising with mean 0.5, std 0.5", flush=True)
+    vis = cfg.vis
+    if chans not in (1, 3) and vis.num_images:
+        vis = replace(vis, num_images=0)
+        if say:
+            print(f"note: reconstruction grids draw 1- or 3-channel images; none for {chans} channels", flush=True)
+    return replace(cfg, model=replace(m, in_chans=chans), data=replace(d, mean=mean, std=std), vis=vis)
 
 
 def recon_spec(cfg: PretrainConfig) -> str:
@@ -166,6 +195,7 @@ def train(cfg: PretrainConfig) -> dict:
     """Pretrain; returns a small summary dict (final step, last logged loss, paths)."""
     cfg = replace(cfg, model=cfg.model.resolved())  # the objective's defaults, as config.yaml records them
     accelerator = build_accelerator(cfg.run, cfg.optim)
+    cfg = with_dataset_defaults(cfg, accelerator.is_main_process)  # in_chans, mean/std: the run records them
     device, is_main, accum = accelerator.device, accelerator.is_main_process, cfg.optim.grad_accum_steps
     micro, global_batch = resolve_batch(cfg.data.micro_batch, cfg.data.global_batch, accelerator.num_processes, accum)
     configure_deepspeed(accelerator, micro, cfg.optim)

@@ -5,6 +5,7 @@ error."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -85,18 +86,20 @@ def recompute_top1(run_dir, data, bank_size=None, query_size=None) -> float:
     from data.device_input import device_batches
     from data.eval_stream import build_eval_loader
     from data.info import resolve
-    from data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+    from data.transforms import eval_transform
     from models.vit import create_encoder
 
     encoder = create_encoder(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2).eval()
     encoder.load_state_dict(load_file(run_dir / "encoder.safetensors"))
+    stats = json.loads((data / "dataset.json").read_text())["splits"]["train"]  # the run's default normalisation
+    mean, std = stats["mean"], stats["std"]
     out = []
     for split, n in (("train", bank_size), ("test", query_size)):
         loader = build_eval_loader(subset(resolve(f"{data}:{split}"), n), batch_size=5,
-                                   transform=eval_transform(32, IMAGENET_MEAN, IMAGENET_STD))
+                                   transform=eval_transform(32, mean, std))
         feats, labels = [], []
         with torch.no_grad():
-            for batch in device_batches(loader, "cpu", mean=IMAGENET_MEAN, std=IMAGENET_STD):
+            for batch in device_batches(loader, "cpu", mean=mean, std=std):
                 feats.append(encoder.forward_features(batch["image"])[:, 0][batch["valid"]])
                 labels.append(batch["label"][batch["valid"]])
         out += [torch.cat(feats), torch.cat(labels)]
