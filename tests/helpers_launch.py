@@ -1,13 +1,17 @@
 """Shared helpers for the launcher tests: free ports, tiny pretraining configs, subprocess runs of pretrain/mae.py
-(one process, `accelerate launch` with 2 processes, DeepSpeed), and reading metrics.jsonl."""
+(one process, `accelerate launch` with 2 processes, DeepSpeed), and reading metrics.jsonl; for the pre-emption and
+launch-file tests: runs started in their own session, a signal sent to the whole process group at a given step,
+weights compared bitwise, and reference runs shared between test modules (`shared_run`)."""
 
 from __future__ import annotations
 
-import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from launch.metrics import read_metrics as read_metrics_file
@@ -60,7 +64,8 @@ def free_port() -> int:
 
 def env(**extra: str) -> dict:
     """Subprocess environment: one thread, the repo importable, no stray launcher settings."""
-    out = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    stray = ("ACCELERATE_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "PET_", "TORCHELASTIC_")
+    out = {k: v for k, v in os.environ.items() if not k.startswith(stray)}
     out.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     out.update(extra)
     return out
@@ -99,3 +104,143 @@ def wait_for_step(proc: subprocess.Popen, step: int) -> int:
         if line.startswith("step ") and int(line.split()[1].split("/")[0]) >= step:
             return int(line.split()[1].split("/")[0])
     raise AssertionError(f"process ended (rc {proc.wait()}) before step {step}")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Pre-emption and launch files (issue 12): process groups, signals, shared reference runs
+
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+# no k-NN monitor and a 2-image grid: what a tiny test run does not need (size overrides, like run.steps)
+QUIET = ["run.trackers=none", "run.progress=false", "knn.enabled=false", "vis.num_images=2", "vis.every=0"]
+_SHARED: dict[str, Path] = {}
+
+
+def shared_run(key: str, make: Callable[[Path], None]) -> Path:
+    """`make(run_dir)` once per pytest process for `key`; returns its run directory. Test modules that need the same
+    uninterrupted reference run (same command, same world size) share it instead of running it twice."""
+    if key not in _SHARED:
+        run_dir = Path(tempfile.mkdtemp(prefix=f"tessera-{key}-")) / "run"
+        make(run_dir)
+        _SHARED[key] = run_dir
+    return _SHARED[key]
+
+
+def start(cmd: list[str], **env_extra: str) -> subprocess.Popen:
+    """Start `cmd` in a session (and process group) of its own, stdout and stderr merged into one text pipe."""
+    return subprocess.Popen(cmd, cwd=ROOT, env=env(**env_extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def read_until_step(proc: subprocess.Popen, step: int) -> tuple[int, list[str]]:
+    """Read `proc`'s output until a plain log line `step N/M ...` with N >= step (blocks on the pipe, no polling);
+    returns N and the lines read."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step ") and "/" in line.split()[1]:
+            n = int(line.split()[1].split("/")[0])
+            if n >= step:
+                return n, lines
+    raise AssertionError(f"ended (rc {proc.wait()}) before step {step}:\n" + "".join(lines[-60:]))
+
+
+def signal_group_at_step(proc: subprocess.Popen, step: int, sig: int, timeout: float = 240) -> tuple[int, str]:
+    """When `proc` logs step `step`, send `sig` to its whole process group (as `timeout`, `kill -- -PGID` and
+    schedulers do); wait for the output to end (every process holding the pipe gone). Returns (the step seen when
+    signalling, all output). The group is SIGKILLed if anything is left of it afterwards."""
+    try:
+        seen, lines = read_until_step(proc, step)
+        os.killpg(proc.pid, sig)
+        rest, _ = proc.communicate(timeout=timeout)
+        return seen, "".join(lines) + rest
+    finally:
+        kill_group(proc)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL what is left of a process group this test started (nothing, normally)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if proc.poll() is None:
+        proc.wait(timeout=30)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    """Wait for a started run to end by itself; its output. Fails with the output's tail on a non-zero exit."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 0, f"exit code {proc.returncode}:\n{out[-6000:]}"
+    return out
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    """Two safetensors files hold the same tensors, bitwise (`torch.equal`)."""
+    import torch
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(a)), load_file(str(b))
+    assert x.keys() == y.keys(), sorted(set(x) ^ set(y))
+    different = [k for k in x if not torch.equal(x[k], y[k])]
+    assert not different, f"{a} and {b} differ in {len(different)} tensors, e.g. {different[:5]}"
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    """Steps of the complete checkpoints in RUN_DIR/checkpoints."""
+    ckpt = Path(run_dir) / "checkpoints"
+    return sorted(int(p.name[5:]) for p in ckpt.glob("step_*") if (p / "tessera_state.json").is_file()
+                  and p.name[5:].isdigit()) if ckpt.is_dir() else []
+
+
+# The standard tiny runs of the pre-emption and launch-file tests: a documented command plus these size overrides.
+# Uninterrupted references are shared through `shared_run` under the keys below.
+PRE_STEPS = 40
+CPU_2PROC = str(ROOT / "launch" / "accelerate" / "cpu_2proc.yaml")
+
+
+def pretrain_sizes(run_dir) -> list[str]:
+    """Size overrides appended to a documented pretraining command (tiny model, few steps, 1 loader worker)."""
+    return [*TINY_MODEL, f"data.train={SAMPLE}", "data.micro_batch=8", "data.num_workers=1",
+            f"run.output_dir={run_dir}", f"run.steps={PRE_STEPS}", "run.log_every=1", f"run.save_every={PRE_STEPS}",
+            "optim.warmup_steps=2", *QUIET]
+
+
+def one_process_cmd(run_dir) -> list[str]:
+    """README: `python pretrain/mae.py` (+ sizes)."""
+    return [PYTHON, ENTRY, *pretrain_sizes(run_dir)]
+
+
+def two_process_cmd(run_dir, port) -> list[str]:
+    """README: `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 pretrain/mae.py` (+ sizes);
+    run it with env ACCELERATE_USE_CPU=1."""
+    return [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(port), ENTRY,
+            *pretrain_sizes(run_dir)]
+
+
+def pretrain_reference(world: int) -> Path:
+    """The uninterrupted tiny pretraining run with 1 or 2 processes (shared)."""
+    if world == 1:
+        return shared_run("pretrain-1proc", lambda d: finish(start(one_process_cmd(d))))
+    return shared_run("pretrain-2proc",
+                      lambda d: finish(start(two_process_cmd(d, free_port()), ACCELERATE_USE_CPU="1")))
+
+
+def downstream_cmd(script: str, run_dir, *extra: str) -> list[str]:
+    """README: `python finetune/<script> encoder=runs/pretrain/encoder.safetensors` (+ sizes), the encoder being the
+    one-process reference pretraining run's."""
+    encoder = pretrain_reference(1) / "encoder.safetensors"
+    return [PYTHON, str(ROOT / "finetune" / script), f"encoder={encoder}", f"run.output_dir={run_dir}",
+            f"run.steps={PRE_STEPS}", "run.log_every=1", f"run.save_every={PRE_STEPS}", "data.global_batch=8",
+            "data.eval_batch_size=50", "data.num_workers=1", "data.shuffle_buffer=50", "optim.warmup_steps=2",
+            "run.trackers=none", "run.progress=false", *extra]
+
+
+DOWNSTREAM_EXTRA = {"classify.py": ["model.drop_path_rate=0.1"],
+                    "linprobe.py": ["probe.cached=false"]}  # the streaming path: loader workers, encoder each step
+
+
+def downstream_reference(script: str) -> Path:
+    return shared_run(f"ref-{script}", lambda d: finish(start(downstream_cmd(script, d, *DOWNSTREAM_EXTRA[script]))))
