@@ -16,7 +16,7 @@ T=mae_vit_tiny_patch4_dec128d2b
 STEP="benchmarks/pretrain_step.py --variant $T --steps 12 --warmup 2 --window 3"
 CASES=(
   "loader|benchmarks/loader_throughput.py --rounds 5 --batches 2 --batch-size 32 --agreement 1000"
-  "loop_sample|benchmarks/entry_loop.py --entry pretrain --data data/sample run.steps=24 --window 6"
+  "loop_sample|benchmarks/entry_loop.py --entry pretrain --data data/sample run.steps=24 --window 6 --repeat 2"
   "step_fp32_b64|$STEP --batch 64 --precision fp32"
   "step_bf16_b64|$STEP --batch 64 --precision bf16"
   "step_fp32_b64_block|$STEP --batch 64 --precision fp32 --mask-type block --no-hf"

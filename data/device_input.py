@@ -17,15 +17,22 @@ Host tensors are pinned first when `pin_memory` is on (default: on for CUDA); pi
 from __future__ import annotations
 
 import collections
+import functools
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
 
+@functools.lru_cache(maxsize=32)
+def _stats_on(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1)
+
+
 def _channel_stats(values: Sequence[float], x: torch.Tensor) -> torch.Tensor:
-    """mean/std as a float32 tensor on x's device, shaped to broadcast over x's channel dim ([C,H,W] or [B,C,H,W])."""
-    t = torch.as_tensor(values, dtype=torch.float32, device=x.device)
-    return t.view(-1, 1, 1)
+    """mean/std as a float32 [C, 1, 1] tensor on x's device (broadcasts over [C,H,W] or [B,C,H,W]). Made once per
+    device and cached: a fresh one per batch would be a small pageable copy, which on CUDA makes the host wait
+    for the batch copy queued before it on the side stream."""
+    return _stats_on(tuple(float(v) for v in values), x.device)
 
 
 def normalize_on_device(x: torch.Tensor, mean: Sequence[float], std: Sequence[float],
