@@ -75,6 +75,11 @@ class DataConfig:
                                          "data/make_shards.py), else ImageNet's for 3 channels, else 0.5")
     std: tuple[float, ...] | None = opt(None, "normalisation std per channel; None: as mean (else 0.5)")
     shuffle_buffer: int | None = opt(None, "sample shuffle buffer per worker; None: the loader's default")
+    augment: Literal["crop", "none"] = opt("crop", "pretraining augmentation: crop (RandomResizedCrop over "
+                                           "crop_scale + flip) or none (the eval transform: resize, center crop)")
+    crop_scale: tuple[float, float] = opt((0.2, 1.0), "RandomResizedCrop area range, fractions of the image (MAE: "
+                                          "0.2-1)")
+    hflip: float = opt(0.5, "horizontal flip probability of the crop augmentation")
 
     EXCLUSIVE = (("micro_batch", "global_batch"),)
 
@@ -82,6 +87,9 @@ class DataConfig:
         check_batch_keys(self.micro_batch, self.global_batch)
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0 or not 0.0 <= self.hflip <= 1.0:
+            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1 (got {self.crop_scale}) and hflip be in "
+                             f"[0, 1] (got {self.hflip})")
 
 
 @dataclass

@@ -111,6 +111,14 @@ def with_dataset_defaults(cfg: PretrainConfig, say: bool = True) -> PretrainConf
     return replace(cfg, model=replace(m, in_chans=chans), data=replace(d, mean=mean, std=std), vis=vis)
 
 
+def train_transform(cfg: PretrainConfig):
+    """The pretraining augmentation (`data.augment`, `data.crop_scale`, `data.hflip`)."""
+    d = cfg.data
+    if d.augment == "none":
+        return eval_transform(cfg.model.img_size, d.mean, d.std)
+    return pretrain_transform(cfg.model.img_size, d.mean, d.std, scale=tuple(d.crop_scale), hflip=d.hflip)
+
+
 def recon_spec(cfg: PretrainConfig) -> str:
     """The grid's images: `data.recon`, else a val/test split next to the train split, else train."""
     if cfg.data.recon:
@@ -236,7 +244,7 @@ def train(cfg: PretrainConfig) -> dict:
 
     loader_kwargs = {} if cfg.data.shuffle_buffer is None else {"shuffle_buffer": cfg.data.shuffle_buffer}
     loader = build_train_loader(local_spec(cfg.data.train), batch_size=micro,
-                                transform=pretrain_transform(cfg.model.img_size, cfg.data.mean, cfg.data.std),
+                                transform=train_transform(cfg),
                                 seed=cfg.run.seed, rank=accelerator.process_index, world_size=accelerator.num_processes,
                                 num_workers=cfg.data.num_workers, **loader_kwargs)
     if session.resumed:
