@@ -4,7 +4,8 @@
 under timm key names (None for `random`) and an identity string (file hash) that keys the feature cache. The
 architecture is read from the checkpoint's shapes; only the head count is not visible in shapes, so it comes from
 `num_heads=`, the safetensors metadata, the run's config.yaml beside the file, `arch=`, or dim/64, in that order.
-When `arch=` is given, the checkpoint must fit it: a different width/depth/patch is an error naming the keys.
+When `arch=` is given, the checkpoint must fit it: a different width/depth/patch is an error naming the keys. The
+input channel count (`in_chans`) always follows the weights (grayscale, RGB or N-channel pretraining).
 
 Besides plain ViTs, `arch=` names hybrid ViTs (`models/hybrid.py`: timm's ResNet hybrids as `timm:NAME`, the 32 px
 conv stems registered there, with or without `timm:`), whose encoder_cfg carries the timm name under `hybrid`, and
@@ -225,7 +226,9 @@ def resolve_encoder(spec: str, *, weights: str | None = None, arch: str | None =
         if "hybrid" in cfg:
             check_hybrid_fits(cfg, sd, str(weights))
         else:
-            check_fits(cfg, infer_encoder_cfg(sd), str(weights))
+            inferred = infer_encoder_cfg(sd)
+            cfg["in_chans"] = inferred["in_chans"]  # the weights' channel count: 1, 3 or N-channel images
+            check_fits(cfg, inferred, str(weights))
         return EncoderSource(spec, cfg, sd, f"sha256:{file_sha256(weights)}")
 
     path = Path(spec)
@@ -238,9 +241,9 @@ def resolve_encoder(spec: str, *, weights: str | None = None, arch: str | None =
                           f"(e.g. arch=vit_tiny_convstem_p4_32 or arch=timm:vit_small_r26_s32_224)")
     inferred = infer_encoder_cfg(sd)
     if arch_cfg is not None:
-        check_fits(arch_cfg, inferred, str(path))
+        check_fits({**arch_cfg, "in_chans": inferred["in_chans"]}, inferred, str(path))
         cfg = dict(arch_cfg)
-        cfg["img_size"] = inferred["img_size"]
+        cfg["img_size"], cfg["in_chans"] = inferred["img_size"], inferred["in_chans"]  # as the weights have them
     else:
         cfg = dict(inferred)
     notes = []

@@ -166,3 +166,21 @@ def test_pretraining_with_1_and_4_channels(tmp_path, capsys, kind, chans):
                   "data.global_batch=8", "data.eval_batch_size=8", "optim.warmup_steps=1"])
         result = json.loads((probe / "eval.json").read_text())
         assert result["n_images"] == 8 and 0.0 <= result["top1"] <= 100.0  # percent
+
+
+def test_downstream_encoders_take_in_chans_from_their_weights(tmp_path):
+    import timm
+
+    from finetune.encoder_source import resolve_encoder
+    from models.convert import save_encoder
+    from models.vit import create_encoder
+
+    ours = tmp_path / "encoder.safetensors"
+    save_encoder(create_encoder(img_size=32, patch_size=8, in_chans=4, embed_dim=32, depth=2, num_heads=2).state_dict(),
+                 ours)
+    assert resolve_encoder(str(ours), num_heads=2).encoder_cfg["in_chans"] == 4
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, in_chans=1)
+    torch.save(vit.state_dict(), tmp_path / "timm_gray.pth")
+    source = resolve_encoder("timm:vit_tiny_patch16_224", weights=str(tmp_path / "timm_gray.pth"))
+    assert source.encoder_cfg["in_chans"] == 1
+    create_encoder(**source.encoder_cfg).load_state_dict(source.state_dict)  # builds and loads as a 1-channel ViT
