@@ -50,6 +50,13 @@ def default_crop_pct(img_size: int) -> float:
     return 1.0 if img_size <= SMALL_IMAGE else 0.875
 
 
+def uint8_output(meta: dict | None, channels: int) -> str:
+    """"uint8" when the images are 8-bit RGB (dataset.json `dtype` uint8 or not recorded), the fast path that
+    normalises on the device; "float" for other channel counts and bit depths, which the uint8 crop cannot hold."""
+    dtype = (meta or {}).get("dtype")
+    return "uint8" if channels == 3 and dtype in (None, "uint8") else "float"
+
+
 def _check_output(output: str) -> None:
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")

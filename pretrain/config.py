@@ -80,13 +80,17 @@ class DataConfig:
     crop_scale: tuple[float, float] = opt((0.2, 1.0), "RandomResizedCrop area range, fractions of the image (MAE: "
                                           "0.2-1)")
     hflip: float = opt(0.5, "horizontal flip probability of the crop augmentation")
+    loader: Literal["stream", "device"] = opt("stream", "stream: WebDataset shards through loader workers; device: a "
+                                              "small dataset (CIFAR-scale) held on the device as uint8, cropped there")
+    pin_memory: bool | None = opt(None, "pinned host memory for the batches; None: on with CUDA")
+    prefetch: int = opt(1, "batches copied to the device ahead of the step (a side stream on CUDA)")
 
     EXCLUSIVE = (("micro_batch", "global_batch"),)
 
     def __post_init__(self) -> None:
         check_batch_keys(self.micro_batch, self.global_batch)
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.num_workers < 0 or self.prefetch < 0:
+            raise ValueError(f"num_workers and prefetch must be >= 0, got {self.num_workers}, {self.prefetch}")
         if not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0 or not 0.0 <= self.hflip <= 1.0:
             raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1 (got {self.crop_scale}) and hflip be in "
                              f"[0, 1] (got {self.hflip})")

@@ -26,11 +26,12 @@ import torch
 from accelerate.utils import DistributedType, set_seed
 from safetensors.torch import save_file
 
+from data.device_dataset import build_device_loader
 from data.device_input import device_batches
 from data.eval_stream import build_eval_loader
 from data.info import DatasetError, resolve
 from data.train_stream import build_train_loader
-from data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, pretrain_transform
+from data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, pretrain_transform, uint8_output
 from launch.accel import build_accelerator, configure_deepspeed, input_dtype, zero_stage
 from launch.checkpoint import ResumeMismatch, export_state_dict, frozen_parameters, model_fingerprint
 from launch.config import ConfigError, parse_cli
@@ -111,12 +112,33 @@ def with_dataset_defaults(cfg: PretrainConfig, say: bool = True) -> PretrainConf
     return replace(cfg, model=replace(m, in_chans=chans), data=replace(d, mean=mean, std=std), vis=vis)
 
 
-def train_transform(cfg: PretrainConfig):
-    """The pretraining augmentation (`data.augment`, `data.crop_scale`, `data.hflip`)."""
+def train_transform(cfg: PretrainConfig, output: str = "float"):
+    """The pretraining augmentation (`data.augment`, `data.crop_scale`, `data.hflip`); "uint8" output for 8-bit RGB
+    (normalised on the device by `device_batches`)."""
     d = cfg.data
     if d.augment == "none":
-        return eval_transform(cfg.model.img_size, d.mean, d.std)
-    return pretrain_transform(cfg.model.img_size, d.mean, d.std, scale=tuple(d.crop_scale), hflip=d.hflip)
+        return eval_transform(cfg.model.img_size, d.mean, d.std, output=output)
+    return pretrain_transform(cfg.model.img_size, d.mean, d.std, scale=tuple(d.crop_scale), hflip=d.hflip,
+                              output=output)
+
+
+def build_loader(cfg: PretrainConfig, micro: int, accelerator, info):
+    """The training loader: shards through worker processes (`data.loader=stream`), or the whole split on the
+    device as uint8 (`data.loader=device`, CIFAR-scale data; crop and flip on the device)."""
+    d, rank, world = cfg.data, accelerator.process_index, accelerator.num_processes
+    if d.loader == "device":
+        if d.augment == "none" or cfg.model.in_chans != 3:
+            raise ConfigError("data.loader=device crops 8-bit RGB images on the device: it needs data.augment=crop "
+                              "and 3 channels")
+        return build_device_loader(local_spec(d.train), batch_size=micro, img_size=cfg.model.img_size,
+                                   device=accelerator.device, seed=cfg.run.seed, rank=rank, world_size=world,
+                                   scale=tuple(d.crop_scale), hflip=d.hflip)
+    pin = d.pin_memory if d.pin_memory is not None else accelerator.device.type == "cuda"
+    kwargs = {} if d.shuffle_buffer is None else {"shuffle_buffer": d.shuffle_buffer}
+    return build_train_loader(local_spec(d.train), batch_size=micro,
+                              transform=train_transform(cfg, uint8_output(info.meta, cfg.model.in_chans)),
+                              seed=cfg.run.seed, rank=rank, world_size=world, num_workers=d.num_workers,
+                              pin_memory=pin, **kwargs)
 
 
 def recon_spec(cfg: PretrainConfig) -> str:
@@ -242,11 +264,7 @@ def train(cfg: PretrainConfig) -> dict:
     if is_main:
         print(summary(cfg, accelerator, raw_model, info, micro, global_batch, peak_lr, session.start_step), flush=True)
 
-    loader_kwargs = {} if cfg.data.shuffle_buffer is None else {"shuffle_buffer": cfg.data.shuffle_buffer}
-    loader = build_train_loader(local_spec(cfg.data.train), batch_size=micro,
-                                transform=train_transform(cfg),
-                                seed=cfg.run.seed, rank=accelerator.process_index, world_size=accelerator.num_processes,
-                                num_workers=cfg.data.num_workers, **loader_kwargs)
+    loader = build_loader(cfg, micro, accelerator, info)
     if session.resumed:
         loader.load_state_dict({**state.get("loader", {}), "batches": session.start_step * accum})
     with torch.random.fork_rng(devices=[]):  # reading the grid's images must not move the training RNG
@@ -288,7 +306,8 @@ def train(cfg: PretrainConfig) -> dict:
 
     loop = TrainLoop(
         accelerator=accelerator, model=model, optimizer=optimizer, step_fn=step_fn,
-        batches=device_batches(loader, device, mean=cfg.data.mean, std=cfg.data.std, dtype=input_dtype(accelerator)),
+        batches=device_batches(loader, device, mean=cfg.data.mean, std=cfg.data.std, dtype=input_dtype(accelerator),
+                               pin_memory=cfg.data.pin_memory, prefetch=cfg.data.prefetch),
         run=cfg.run, optim=cfg.optim, peak_lr=peak_lr, global_batch=global_batch, metrics=session.metrics,
         save=save, hooks=[Hook(cfg.vis.every, picture), *knn], log_extra=log_extra, desc="pretrain",
         after_update=(lambda step: teacher.update(raw_model.encoder, step)) if teacher is not None else None)

