@@ -27,10 +27,12 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 
+from data.device_erasing import DeviceRandomErasing, erasing_generator
 from data.device_input import device_batches
 from data.eval_stream import build_eval_loader
+from data.seeding import mix_seed
 from data.train_stream import build_train_loader
-from data.transforms import default_crop_pct, eval_transform, finetune_transform
+from data.transforms import default_crop_pct, eval_transform, finetune_transform, uint8_output
 from finetune.classifier_io import save_classifier
 from finetune.config import FinetuneConfig
 from finetune.distill import distillation_loss, load_teacher
@@ -137,13 +139,20 @@ def main(argv: list[str] | None = None) -> dict:
     run_dir, best = session.run_dir, {"top1": float(session.state.get("best_top1", -1.0))}
 
     dtype = input_dtype(accelerator)
-    train_tf = finetune_transform(img_size, mean, std, auto_augment=cfg.aug.auto_augment, reprob=cfg.aug.reprob)
+    # 8-bit RGB travels as uint8 and is normalised on the device, where random erasing then runs (timm's
+    # PrefetchLoader order), seeded by the micro-step so a resumed run erases the same boxes
+    output = uint8_output(train_info.meta, enc_cfg.get("in_chans", 3))
+    erase = DeviceRandomErasing(cfg.aug.reprob) if output == "uint8" and cfg.aug.reprob > 0 else None
+    micro_index = [session.start_step * accum]
+    pin = cfg.data.pin_memory if cfg.data.pin_memory is not None else device.type == "cuda"
+    train_tf = finetune_transform(img_size, mean, std, auto_augment=cfg.aug.auto_augment, reprob=cfg.aug.reprob,
+                                  output=output)
     loader = build_train_loader(split_spec(cfg.data.path, cfg.data.train_split), batch_size=micro, transform=train_tf,
                                 seed=cfg.run.seed, rank=rank, world_size=world, num_workers=cfg.data.num_workers,
-                                shuffle_buffer=cfg.data.shuffle_buffer)
+                                shuffle_buffer=cfg.data.shuffle_buffer, pin_memory=pin)
     if session.resumed:
         loader.load_state_dict({**session.state.get("loader", {}), "batches": session.start_step * accum})
-    etf = eval_transform(img_size, mean, std, crop_pct)
+    etf = eval_transform(img_size, mean, std, crop_pct, output=output)
 
     def test_loader():
         return build_eval_loader(split_spec(cfg.data.path, cfg.data.test_split), batch_size=cfg.data.eval_batch_size,
@@ -202,6 +211,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     def step_fn(batch: dict) -> torch.Tensor:
         images, targets = batch["image"], batch["label"]
+        if erase is not None:
+            images = erase(images, erasing_generator(device, mix_seed(cfg.run.seed, "erase", rank, micro_index[0])))
+            micro_index[0] += 1
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
         if teacher is None:
@@ -227,7 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     loop = TrainLoop(
         accelerator=accelerator, model=model, optimizer=optimizer, step_fn=step_fn,
-        batches=device_batches(loader, device, mean=mean, std=std, dtype=dtype),
+        batches=device_batches(loader, device, mean=mean, std=std, dtype=dtype, pin_memory=pin,
+                               prefetch=cfg.data.prefetch),
         run=cfg.run, optim=cfg.optim, peak_lr=cfg.optim.peak_lr(global_batch), global_batch=global_batch,
         metrics=session.metrics, save=save, hooks=[Hook(cfg.eval_every, evaluate_hook)],
         log_extra=log_parts if teacher is not None else None,

@@ -29,6 +29,8 @@ class DataSection:
     std: tuple[float, float, float] | None = opt(None, "normalisation std (None: dataset.json's, else ImageNet's)")
     crop_pct: float | None = opt(None, "evaluation centre-crop fraction (None: 1.0 up to 64 px, else 0.875)")
     shuffle_buffer: int = opt(2000, "training stream shuffle buffer (samples per worker)")
+    pin_memory: bool | None = opt(None, "pinned host memory for the batches; None: on with CUDA")
+    prefetch: int = opt(1, "batches copied to the device ahead of the step (a side stream on CUDA)")
 
     EXCLUSIVE = (("micro_batch", "global_batch"),)
 

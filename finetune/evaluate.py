@@ -14,7 +14,7 @@ from pathlib import Path
 from data.device_input import device_batches
 from data.eval_stream import build_eval_loader
 from data.info import DatasetError, resolve
-from data.transforms import eval_transform
+from data.transforms import eval_transform, uint8_output
 from finetune.classifier_io import load_classifier, resolve_checkpoint
 from finetune.config import EvaluateConfig
 from finetune.evaluation import evaluate_model, write_eval_json
@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> dict:
     model.to(accelerator.device)
     img_size = meta.get("img_size") or meta["encoder_cfg"]["img_size"]
     img_size = img_size if isinstance(img_size, int) else img_size[0]
-    tf = eval_transform(img_size, meta["mean"], meta["std"], meta.get("crop_pct"))
+    output = uint8_output(info.meta, meta["encoder_cfg"].get("in_chans", 3))  # 8-bit RGB: normalised on the device
+    tf = eval_transform(img_size, meta["mean"], meta["std"], meta.get("crop_pct"), output=output)
     loader = build_eval_loader(cfg.data, batch_size=cfg.batch_size, transform=tf, rank=accelerator.process_index,
                                world_size=accelerator.num_processes, num_workers=cfg.num_workers)
     batches = device_batches(loader, accelerator.device, mean=meta["mean"], std=meta["std"])

@@ -23,7 +23,7 @@ from accelerate.utils import set_seed
 from data.device_input import device_batches
 from data.eval_stream import build_eval_loader
 from data.train_stream import build_train_loader
-from data.transforms import default_crop_pct, eval_transform, pretrain_transform
+from data.transforms import default_crop_pct, eval_transform, pretrain_transform, uint8_output
 from finetune.classifier_io import save_classifier
 from finetune.config import LinprobeConfig
 from finetune.encoder_source import resolve_encoder
@@ -109,7 +109,9 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"[linprobe] note: {note}")
     path_used = "cached" if cfg.probe.cached else "augmented"
     crop_pct = cfg.data.crop_pct if cfg.data.crop_pct is not None else default_crop_pct(img_size)
-    etf = eval_transform(img_size, mean, std, crop_pct)
+    output = uint8_output(train_info.meta, enc_cfg.get("in_chans", 3))  # 8-bit RGB: uint8, normalised on the device
+    pin = cfg.data.pin_memory if cfg.data.pin_memory is not None else device.type == "cuda"
+    etf = eval_transform(img_size, mean, std, crop_pct, output=output)
     dtype = input_dtype(accelerator)  # DeepSpeed converts the head to bf16/fp16, not its inputs
 
     def eval_batches(split: str):
@@ -162,13 +164,15 @@ def main(argv: list[str] | None = None) -> dict:
         def step_fn(batch: dict) -> torch.Tensor:
             return F.cross_entropy(head(batch["feature"].to(dtype)).float(), batch["label"])
     else:
-        ttf = pretrain_transform(img_size, mean, std, scale=(0.08, 1.0))  # the recipe: RandomResizedCrop + flip
+        # the recipe: RandomResizedCrop + flip
+        ttf = pretrain_transform(img_size, mean, std, scale=(0.08, 1.0), output=output)
         loader = build_train_loader(split_spec(cfg.data.path, cfg.data.train_split), batch_size=micro, transform=ttf,
                                     seed=cfg.run.seed, rank=rank, world_size=world, num_workers=cfg.data.num_workers,
-                                    shuffle_buffer=cfg.data.shuffle_buffer)
+                                    shuffle_buffer=cfg.data.shuffle_buffer, pin_memory=pin)
         if session.resumed:
             loader.load_state_dict({**session.state.get("loader", {}), "batches": session.start_step * accum})
-        batches = device_batches(loader, device, mean=mean, std=std, dtype=dtype)
+        batches = device_batches(loader, device, mean=mean, std=std, dtype=dtype, pin_memory=pin,
+                                 prefetch=cfg.data.prefetch)
 
         def step_fn(batch: dict) -> torch.Tensor:
             return F.cross_entropy(head(model.features(batch["image"]).to(dtype)).float(), batch["label"])

@@ -198,7 +198,12 @@ def test_linprobe_cached_end_to_end_and_cache_reuse(tiny, capsys):
     enc.load_state_dict(load_state_dict(str(tiny["encoder"])))
     enc.eval()
     test_blob = torch.load(run / "features" / "test.pt", weights_only=True)
-    loader = build_eval_loader(f"{tiny['data']}:test", batch_size=13, transform=eval_transform(32, crop_pct=1.0))
+    from data.info import resolve
+    from finetune.splits import norm_stats
+
+    mean, std = norm_stats(None, None, resolve(f"{tiny['data']}:train"))  # dataset.json's, as the probe takes them
+    loader = build_eval_loader(f"{tiny['data']}:test", batch_size=13,
+                               transform=eval_transform(32, mean, std, crop_pct=1.0))  # the float path, on the CPU
     batch = next(iter(loader))
     with torch.no_grad():
         direct = encode(enc, batch["image"], "token")[batch["valid"]]
