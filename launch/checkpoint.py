@@ -296,8 +296,9 @@ class CheckpointManager:
         previous = self.latest()
         kept = (f"the previous checkpoint {previous} is intact; re-running the same command resumes from it"
                 if previous else "there is no earlier checkpoint of this run")
-        if error is None:
-            raise RuntimeError(f"saving checkpoint {final.name} failed on another process; {kept}")
+        if error is None:  # this process wrote its part; another one failed and reports why
+            raise CheckpointWriteError(f"saving checkpoint {final.name} failed on another process (its message says "
+                                       f"why); {kept}")
         if full:
             raise CheckpointWriteError(
                 f"the disk is full: saving checkpoint {final.name} into {self.dir} failed ({_short(error)}); "

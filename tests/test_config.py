@@ -226,3 +226,81 @@ def test_section_instance_default_survives_partial_override():
     assert cfg.inner.steps == 4
     assert cfg.inner.lr == 0.5  # from the field's default instance, not Inner()'s 1e-3
     assert load_config(CustomDefault, []).inner == Inner(lr=0.5, steps=3)
+
+
+# ------------------------------------------------------------------------ launch/errors.py: user errors at the CLI
+
+
+def _cli_exit(capsys, exc, **env):
+    import os
+
+    from launch.errors import cli
+
+    def main(argv=None):
+        raise exc
+
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        with pytest.raises(SystemExit) as err:
+            cli("prog", main)([])
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    out = capsys.readouterr()
+    return err.value.code, out.err
+
+
+@pytest.mark.parametrize("exc,needle", [
+    (ConfigError("config key 'x' is bad"), "config key 'x' is bad"),
+    (FileNotFoundError(2, "No such file or directory", "/nope/s.tar"), "no such file or directory: /nope/s.tar"),
+    (PermissionError(13, "Permission denied", "/ro/run"), "permission denied: /ro/run (choose a location you can"),
+    (NotADirectoryError(20, "Not a directory", "/etc/hostname/run"), "not a directory: /etc/hostname/run"),
+    (OSError(28, "No space left on device", "/runs/x/metrics.jsonl"), "the disk is full writing /runs/x/metrics"),
+])
+def test_cli_turns_user_errors_into_one_line_exit_2(capsys, exc, needle):
+    code, err = _cli_exit(capsys, exc)
+    assert code == 2 and err.startswith("prog: error: ") and needle in err and err.count("\n") == 1
+
+
+def test_cli_names_dataset_and_custom_user_errors(capsys):
+    from data.info import DatasetError
+    from launch.errors import UserError
+
+    assert _cli_exit(capsys, DatasetError("dataset not found: /d"))[1] == "prog: error: dataset not found: /d\n"
+
+    class RunDirBusy(UserError):
+        pass
+
+    assert _cli_exit(capsys, RunDirBusy("in use by pid 7"))[1] == "prog: error: in use by pid 7\n"
+
+
+def test_cli_keeps_bugs_and_exits_as_they_are(capsys):
+    from launch.errors import cli
+
+    def buggy(argv=None):
+        return {}["missing"]
+
+    with pytest.raises(KeyError):
+        cli("prog", buggy)([])
+    with pytest.raises(FileNotFoundError):  # no path named: not something the user can act on
+        cli("prog", lambda argv=None: (_ for _ in ()).throw(FileNotFoundError("gone")))([])
+    assert cli("prog")(lambda argv=None: 5)([]) == 5  # decorator form, return value passed through
+
+
+def test_cli_prefixes_other_ranks(capsys):
+    code, err = _cli_exit(capsys, ConfigError("bad"), RANK="1", WORLD_SIZE="2")
+    assert code == 2 and err == "prog: error: [rank 1] bad\n"
+
+
+def test_check_keywords_names_the_typo_and_the_valid_names():
+    from launch.errors import UserError, check_keywords
+
+    def build(depth=12, embed_dim=768, num_heads=12):
+        return None
+
+    check_keywords(build, {"depth": 2}, "model.overrides")
+    with pytest.raises(UserError) as err:
+        check_keywords(build, {"detph": 3}, "model.overrides")
+    assert "'model.overrides.detph' (did you mean 'model.overrides.depth'?)" in str(err.value)
+    assert "embed_dim" in str(err.value)
