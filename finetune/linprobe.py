@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
         if accelerator.is_main_process:
             print(f"[linprobe] stopped by {done.stopped_by} at step {done.step}; checkpoint saved in "
                   f"{done.checkpoint}. Re-run the same command to resume.", flush=True)
-        session.metrics.close()
+        session.close()
         return {"step": done.step, "stopped_by": done.stopped_by, "run_dir": str(run_dir)}
 
     result = run_eval()
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[linprobe] {path_used} path, {done.step} steps: top1 {result['top1']:.2f}  top5 {result['top5']:.2f}  "
               f"on {result['n_images']} images -> {run_dir / 'eval.json'}")
     accelerator.wait_for_everyone()
-    session.metrics.close()
+    session.close()
     return summary
 
 

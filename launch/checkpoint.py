@@ -95,7 +95,10 @@ def complete_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
 def move_aside(run_dir: str | Path, paths: list[Path], stamp: str | None = None) -> Path:
     """Move `paths` (inside `run_dir`) into `run_dir/replaced-<stamp>/`, keeping their paths relative to run_dir."""
     run_dir = Path(run_dir)
-    target = run_dir / f"{REPLACED_PREFIX}{stamp or utc_stamp()}"
+    target = base = run_dir / f"{REPLACED_PREFIX}{stamp or utc_stamp()}"
+    n = 1
+    while target.exists():  # two replacements within one second
+        target, n = base.with_name(f"{base.name}-{n}"), n + 1
     for path in paths:
         dest = target / Path(path).resolve().relative_to(run_dir.resolve())
         dest.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
-"""Opening a run on every rank: the run directory, its config.yaml, the checkpoint manager (resumed from the newest
-complete checkpoint when `run.resume` and one exists), metrics.jsonl and the trackers.
+"""Opening a run on every rank: the run directory (claimed: a lock naming its holder, no fresh start over another
+run's checkpoints, `launch/run_dir.py`), its config.yaml, the checkpoint manager (resumed from the newest complete
+checkpoint when `run.resume` and one exists), metrics.jsonl and the trackers. `Session.close()` at the end.
 
 Shared by the three entry points, so they resume, refuse a changed model, and log the same way.
 """
@@ -10,10 +11,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
 from launch.checkpoint import CheckpointManager
 from launch.config import save_config, to_dict
+from launch.errors import UserError
 from launch.metrics import MetricsLogger
+from launch.run_dir import RunDirClaim, claim_run_dir
+
+# claims this process holds, by directory: a run that ended by an exception in-process (tests, notebooks) leaves
+# its claim here, and the next run of the same process into the same directory takes it back
+_CLAIMS: dict[Path, RunDirClaim] = {}
 
 
 @dataclass
@@ -23,6 +31,7 @@ class Session:
     metrics: MetricsLogger
     config: dict  # the resolved config (`to_dict`), stored in every checkpoint
     state: dict = field(default_factory=dict)  # the resumed checkpoint's extra state ({} for a fresh run)
+    claim: RunDirClaim | None = None  # the run directory's lock (main process)
 
     @property
     def start_step(self) -> int:
@@ -31,6 +40,13 @@ class Session:
     @property
     def resumed(self) -> bool:
         return bool(self.state)
+
+    def close(self) -> None:
+        """End the trackers and release the run directory."""
+        self.metrics.close()
+        if self.claim is not None:
+            self.claim.release()
+            _CLAIMS.pop(self.run_dir.resolve(), None)
 
 
 def flat(d: dict, prefix: str = "") -> dict:
@@ -48,6 +64,19 @@ def open_session(accelerator: Accelerator, cfg, *, fingerprint: dict, name: str)
     """Call on every rank after `accelerator.prepare` (loading a checkpoint restores the prepared objects)."""
     run_dir = Path(cfg.run.output_dir)
     config = to_dict(cfg)
+    claim, error = None, None
+    if accelerator.is_main_process:
+        if (old := _CLAIMS.pop(run_dir.resolve(), None)) is not None:
+            old.release()
+        try:
+            claim = claim_run_dir(run_dir, resume=cfg.run.resume, overwrite=cfg.run.overwrite)
+            _CLAIMS[run_dir.resolve()] = claim
+        except UserError as exc:
+            error = str(exc)
+    if accelerator.num_processes > 1:  # every rank stops with the main process's message
+        error = broadcast_object_list([error], from_process=0)[0]
+    if error is not None:
+        raise UserError(error)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -62,7 +91,7 @@ def open_session(accelerator: Accelerator, cfg, *, fingerprint: dict, name: str)
     wandb = "wandb" in cfg.run.trackers
     accelerator.init_trackers(cfg.run.wandb_project if wandb else name, config=scalars,
                               init_kwargs={"wandb": {"name": run_dir.name}} if wandb else {})
-    return Session(run_dir=run_dir, ckpt=ckpt, metrics=metrics, config=config, state=state)
+    return Session(run_dir=run_dir, ckpt=ckpt, metrics=metrics, config=config, state=state, claim=claim)
 
 
 __all__ = ["Session", "open_session", "flat"]

@@ -317,7 +317,7 @@ def train(cfg: PretrainConfig) -> dict:
         if is_main:
             print(f"stopped by {result.stopped_by} at step {result.step}; checkpoint saved in {result.checkpoint}. "
                   f"Re-run the same command to resume.", flush=True)
-        session.metrics.close()
+        session.close()
         return out
 
     final = export_state_dict(accelerator, model, result.checkpoint, frozen=frozen)
@@ -344,7 +344,7 @@ def train(cfg: PretrainConfig) -> dict:
         out.update(encoder=str(run_dir / "encoder.safetensors"), weights=str(weights),
                    **{cfg.model.objective: str(weights)})
     accelerator.wait_for_everyone()
-    session.metrics.close()
+    session.close()
     return out
 
 

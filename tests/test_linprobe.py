@@ -212,12 +212,12 @@ def test_linprobe_cached_end_to_end_and_cache_reuse(tiny, capsys):
     assert json.loads((run / "classifier.json").read_text())["kind"] == "probe"
     mtime = (run / "features" / "train.pt").stat().st_mtime_ns
     capsys.readouterr()
-    main(args + ["run.resume=false"])
+    main(args + ["run.resume=false", "run.overwrite=true"])
     assert "using cached train features" in capsys.readouterr().out
     assert (run / "features" / "train.pt").stat().st_mtime_ns == mtime
     # another encoder file at the same path: a stale cache, rebuilt
     other = make_tiny_encoder(tiny["base"] / "enc2" / "encoder.safetensors", seed=1)
-    main([*args[:1], f"encoder={other}", *args[2:], "run.resume=false"])
+    main([*args[:1], f"encoder={other}", *args[2:], "run.resume=false", "run.overwrite=true"])
     assert "extracted 30 train features" in capsys.readouterr().out
 
 
