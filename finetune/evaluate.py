@@ -1,4 +1,7 @@
-"""Evaluate a saved classifier on a split: `python finetune/evaluate.py checkpoint=RUN_DIR/classifier_best.safetensors data=DIR:SPLIT`.
+"""Evaluate a saved classifier on a split:
+
+    python finetune/evaluate.py checkpoint=RUN_DIR/classifier_best.safetensors data=DIR:SPLIT
+
 
 Works for fine-tuned classifiers and linear probes (encoder + head) alike: the model is rebuilt from the
 classifier.json beside the weights, the split is read with its own eval transform (size, normalisation and crop

@@ -19,7 +19,7 @@ from launch.config import ConfigError
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
-    """Per-sample hits `[N, len(ks)]` (bool): is the label among the k highest logits? k is capped at the class count."""
+    """Per-sample hits `[N, len(ks)]` (bool): is the label among the k highest logits? (k capped at the classes)"""
     kmax = min(max(ks), logits.shape[1])
     top = logits.topk(kmax, dim=1).indices  # [N, kmax]
     hit = top.eq(labels[:, None])  # [N, kmax]

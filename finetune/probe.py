@@ -31,7 +31,8 @@ class ProbeHead(nn.Sequential):
 class ProbeClassifier(nn.Module):
     """`encoder` (timm VisionTransformer, frozen) + `head` (ProbeHead); `forward(images) -> logits [N, C]`."""
 
-    def __init__(self, encoder: nn.Module, num_classes: int, pool: str = "token", head: ProbeHead | None = None) -> None:
+    def __init__(self, encoder: nn.Module, num_classes: int, pool: str = "token",
+                 head: ProbeHead | None = None) -> None:
         super().__init__()
         self.encoder = encoder
         self.pool = pool

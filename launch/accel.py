@@ -9,8 +9,8 @@ stage. `build_accelerator` adds what the launcher cannot know:
 * DeepSpeed on a CPU box: skip the JIT build of DeepSpeed's shared-memory comm op (~100 s of g++), and check that
   `transformers` is importable (Accelerate's DeepSpeed path imports it);
 * `configure_deepspeed`: DeepSpeed's micro-batch, accumulation and clipping filled from our config before `prepare`
-  (the WebLoader is not prepared, so DeepSpeed cannot infer the batch size). The optimizer stays a torch AdamW (never a DeepSpeed-config
-  optimizer, which would JIT-compile a CPU kernel).
+  (the WebLoader is not prepared, so DeepSpeed cannot infer the batch size). The optimizer stays a torch AdamW
+  (never a DeepSpeed-config optimizer, which would JIT-compile a CPU kernel).
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ def build_accelerator(run: RunConfig, optim: OptimConfig, *, logging_subdir: str
     if uses_deepspeed_env() and not cuda:
         deepspeed_cpu_workarounds()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=30))] if distributed and not cuda else []
+    gloo = InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=30))
+    handlers = [gloo] if distributed and not cuda else []
     trackers = [t for t in run.trackers if t != "none"]
     if "tensorboard" in trackers and importlib.util.find_spec("tensorboard") is None:
         trackers.remove("tensorboard")

@@ -9,8 +9,8 @@ update is skipped depends on the optimizer, because only some of torch's impleme
   step, and put the snapshot back where `bad` (`torch.where`, on the device). State created by a skipped first
   step is zeroed, which for momentum and Adam moments is the same as never having stepped. Costs one copy of the
   trained parameters and their state: cheap for a probe head, use fused AdamW for big models (the entry points do).
-Buffers that the forward pass updates (BatchNorm running statistics and counters) are restored the same way in every mode:
-`begin()` copies them before the step's forward, `step(bad)` puts them back where `bad`.
+Buffers that the forward pass updates (BatchNorm running statistics and counters) are restored the same way in every
+mode: `begin()` copies them before the step's forward, `step(bad)` puts them back where `bad`.
 Written by hand: torch has the `found_inf` protocol only inside GradScaler and the fused kernels.
 """
 

@@ -58,7 +58,8 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
         key = (lid, decay)
         if key not in groups:
             scale = layer_decay ** (num_layers - lid) if layer_decay is not None else 1.0
-            groups[key] = {"params": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale, "layer_id": lid}
+            groups[key] = {"params": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale,
+                           "layer_id": lid}
         groups[key]["params"].append(param)
     return [groups[k] for k in sorted(groups)]
 

@@ -19,7 +19,8 @@ from models.objectives import DEFAULT_MASKING, check_objective, default_target
 
 @dataclass
 class ModelConfig:
-    name: str = opt("mae_vit_tiny_patch4_dec128d2b", "MAE variant (models.variants.MAE_VARIANTS), e.g. mae_vit_base_patch16_dec512d8b")
+    name: str = opt("mae_vit_tiny_patch4_dec128d2b",
+                    "MAE variant (models.variants.MAE_VARIANTS), e.g. mae_vit_base_patch16_dec512d8b")
     img_size: int = opt(32, "input resolution (pixels, square)")
     objective: Literal["mae", "simmim", "data2vec"] = opt("mae", "mae (encoder on visible patches + decoder), simmim "
                                                           "(BEiT-style mask tokens, linear head, L1) or data2vec "
@@ -31,7 +32,8 @@ class ModelConfig:
                                                        "random for mae, block for simmim/data2vec")
     mask_min_block: int = opt(16, "block masks: smallest block, in patches (BEiT: 16; at most a quarter of the grid)")
     mask_max_block: int | None = opt(None, "block masks: largest block, in patches (None: the remaining budget)")
-    norm_pix_loss: bool = opt(False, "regress per-patch normalised pixels (the published recipe; reconstructions then look flat)")
+    norm_pix_loss: bool = opt(False, "regress per-patch normalised pixels (the published recipe; reconstructions "
+                                     "then look flat)")
     in_chans: int | None = opt(None, "image channels (1 grayscale, 3 RGB, N multispectral); None: dataset.json's "
                                      "channels, else 3")
     init_from: str | None = opt(None, "continued pretraining: start from these weights (a run dir, mae/encoder."
@@ -67,7 +69,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: str = opt("data/sample", "training data: folder with dataset.json (folder:split), shard pattern or URLs")
-    recon: str | None = opt(None, "images for the reconstruction grid; None: the val/test split next to train, else train")
+    recon: str | None = opt(None, "images for the reconstruction grid; None: the val/test split next to train, "
+                                  "else train")
     micro_batch: int | None = opt(64, MICRO_HELP)
     global_batch: int | None = opt(None, GLOBAL_HELP)
     num_workers: int = opt(2, "loader worker processes per rank")
