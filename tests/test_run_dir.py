@@ -121,3 +121,36 @@ def test_metrics_of_a_run_that_never_saved_are_moved_aside(tmp_path):
         assert not (tmp_path / "metrics.jsonl").exists()
         assert (claim.replaced / "metrics.jsonl").exists()
 
+
+
+def test_entry_point_end_to_end(tmp_path):
+    """Items 4 and 5 through `python pretrain/mae.py`: a second run into a running run's directory stops at once
+    (exit 2, the holder named); after the first is stopped, `run.resume=false` over its checkpoints is refused;
+    `run.overwrite=true` moves them aside before the first save, and the directory then holds only the new run's."""
+    from helpers_launch import ENTRY, PYTHON, finish, read_metrics, read_until_step, start, tiny_args
+
+    run_dir = tmp_path / "run"
+    first = start([PYTHON, ENTRY, *tiny_args(run_dir, "knn.enabled=false", steps=2000)])
+    try:
+        read_until_step(first, 1)
+        second = subprocess.run([PYTHON, ENTRY, *tiny_args(run_dir, "knn.enabled=false", steps=3)], cwd=ROOT,
+                                env=env(), capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert f"is in use by another run: pid {first.pid} on host {socket.gethostname()}" in second.stderr
+        assert "Traceback" not in second.stderr
+        first.send_signal(signal.SIGTERM)
+        out = finish(first)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert "stopped by SIGTERM" in out and not (run_dir / LOCK_NAME).exists()
+    old = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+
+    fresh = [PYTHON, ENTRY, *tiny_args(run_dir, "knn.enabled=false", "run.resume=false", steps=3)]
+    refused = subprocess.run(fresh, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "run.overwrite=true" in refused.stderr and old[-1] in refused.stderr
+    finish(start([*fresh, "run.overwrite=true"]))
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_000003"]
+    (replaced,) = run_dir.glob("replaced-*")
+    assert sorted(p.name for p in (replaced / "checkpoints").glob("step_*")) == old
+    assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == [1, 2, 3]  # the new run's series only
