@@ -119,7 +119,7 @@ def sbatch_env(tmp: Path, submit_dir: Path, *, nodes: int = 1, job_id: str = "42
         "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
         "SLURM_JOB_ID": job_id,
         "SLURM_NNODES": str(nodes),
-        "SLURM_JOB_NODELIST": "node[001-%03d]" % nodes,
+        "SLURM_JOB_NODELIST": f"node[001-{nodes:03d}]",
         "SLURM_SUBMIT_DIR": str(submit_dir),
         **extra,
     }
