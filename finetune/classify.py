@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
     if result["top1"] > best["top1"] or not (run_dir / "classifier_best.safetensors").exists():
         best["top1"] = max(best["top1"], result["top1"])
         save_weights("classifier_best.safetensors", done.step)
-    summary = {"top1": result["top1"], "top5": result["top5"], "n_images": result["n_images"], "loss": result["loss"],
+    summary = {"top1": result["top1"], "top5": result["top5"], "n_images": result["n_images"],
+               "n_corrupt": result["n_corrupt"], "loss": result["loss"],
                "best_top1": best["top1"], "task": "finetune", "global_pool": cfg.model.global_pool,
                "steps": done.step, "global_batch": global_batch, "peak_lr": cfg.optim.peak_lr(global_batch),
                "encoder": source.describe(), "data": f"{cfg.data.path}:{cfg.data.test_split}",

@@ -55,13 +55,18 @@ def main(argv: list[str] | None = None) -> dict:
     batches = device_batches(loader, accelerator.device, mean=meta["mean"], std=meta["std"])
     result = evaluate_model(model, batches, accelerator, total=len(loader), progress=cfg.progress, desc="evaluate")
     out = {"top1": result["top1"], "top5": result["top5"], "n_images": result["n_images"], "loss": result["loss"],
+           "n_corrupt": result["n_corrupt"],
            "checkpoint": str(ckpt_path), "kind": meta["kind"], "step": meta.get("step"), "data": cfg.data,
            "encoder": meta.get("encoder")}
     split = cfg.data.rpartition(":")[2] if ":" in cfg.data else "data"
     output = Path(cfg.output) if cfg.output else ckpt_path.parent / f"eval-{ckpt_path.stem}-{split}.json"
     write_eval_json(output, out, accelerator)
     if accelerator.is_main_process:
-        print(json.dumps({k: out[k] for k in ("top1", "top5", "n_images", "loss", "checkpoint", "data")}, indent=2))
+        print(json.dumps({k: out[k] for k in ("top1", "top5", "n_images", "n_corrupt", "loss", "checkpoint", "data")},
+                         indent=2))
+        if out["n_corrupt"]:
+            print(f"WARNING: {out['n_corrupt']} images of {cfg.data} could not be decoded and are not counted: "
+                  f"top1/top5 are over {out['n_images']} of {out['n_images'] + out['n_corrupt']} images", flush=True)
         print(f"[evaluate] wrote {output}")
     return out
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from launch.config import ConfigError
+from launch.metrics import json_safe
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
@@ -33,9 +34,12 @@ class AccuracyMeter:
         self.ks = ks
         self.sums = torch.zeros(len(ks) + 1, dtype=torch.float64, device=device)  # hits per k, then count
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.corrupt = torch.zeros((), dtype=torch.float64, device=device)  # images of the split that did not decode
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None = None,
-               loss_per_sample: torch.Tensor | None = None) -> None:
+               loss_per_sample: torch.Tensor | None = None, corrupt: torch.Tensor | None = None) -> None:
+        if corrupt is not None:  # the eval stream's per-entry mask of unreadable images
+            self.corrupt += corrupt.to(self.corrupt.device).double().sum()
         if valid is None:
             valid = torch.ones_like(labels, dtype=torch.bool)
         valid = valid.to(torch.bool)
@@ -49,15 +53,17 @@ class AccuracyMeter:
             self.loss_sum += loss_per_sample[valid].double().sum().to(self.sums.device)
 
     def compute(self, accelerator=None) -> dict:
-        """`{"top1": %, "top5": %, "n_images": int, "loss": mean CE}` over all ranks (reduce-sum when distributed)."""
-        both = torch.cat([self.sums, self.loss_sum[None]])
+        """`{"top1": %, "top5": %, "n_images": int, "loss": mean CE, "n_corrupt": int}` over all ranks (reduce-sum
+        when distributed); `n_images + n_corrupt` is the split's size."""
+        both = torch.cat([self.sums, self.corrupt[None], self.loss_sum[None]])
         if accelerator is not None and accelerator.num_processes > 1:
             both = accelerator.reduce(both.to(accelerator.device), reduction="sum")
         both = both.cpu()
         n = int(round(both[len(self.ks)].item()))
         out = {f"top{k}": (100.0 * both[i].item() / n if n else 0.0) for i, k in enumerate(self.ks)}
         out["n_images"] = n
-        out["loss"] = both[-1].item() / n if n else float("nan")
+        out["n_corrupt"] = int(round(both[len(self.ks) + 1].item()))
+        out["loss"] = both[-1].item() / n if n else None
         return out
 
 
@@ -76,7 +82,7 @@ def evaluate_model(model: torch.nn.Module, batches, accelerator, *, total: int |
         logits = logits.float()
         labels = batch["label"]
         loss = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
-        meter.update(logits, labels, batch.get("valid"), loss)
+        meter.update(logits, labels, batch.get("valid"), loss, batch.get("corrupt"))
     model.train(was_training)
     return meter.compute(accelerator)
 
@@ -87,7 +93,7 @@ def write_eval_json(path: str | Path, result: dict, accelerator=None) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    tmp.write_text(json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n")  # strict JSON: NaN is null
     os.replace(tmp, path)
 
 

@@ -238,6 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
         best["top1"] = max(best["top1"], result["top1"])
         save_weights("classifier_best.safetensors")
     summary = {"top1": result["top1"], "top5": result["top5"], "n_images": result["n_images"],
+               "n_corrupt": result["n_corrupt"],
                "loss": result["loss"], "best_top1": best["top1"], "task": "linprobe", "path": path_used,
                "pool": cfg.pool, "steps": done.step, "global_batch": global_batch,
                "peak_lr": cfg.optim.peak_lr(global_batch), "encoder": source.describe(),

@@ -88,6 +88,8 @@ class TrainLoop:
         nf_worst = nf_run.clone()  # the longest streak since the last log step
         window = torch.zeros(2, device=device)  # [sum of the kept steps' losses, number of kept steps]
         step, stopped_by, loss, ckpt = start_step, None, None, None
+        # the newest checkpoint saved outside a non-finite streak (what the advice names when a streak stops the run)
+        good_ckpt = state.get("last_good_checkpoint") if state.get("nonfinite_consecutive") else state.get("path")
         clock = (time.perf_counter(), step)
         bar = tqdm(total=run.steps, initial=step, desc=self.desc, dynamic_ncols=True,
                    disable=not (run.progress and acc.is_main_process))
@@ -140,11 +142,13 @@ class TrainLoop:
             if step % run.log_every == 0 or last:  # the host reads the device counters here, and only here
                 loss, worst = self._log(step, lr, window, nf_total, nf_worst, clock, bar, merged)
                 if worst >= run.max_nonfinite:
+                    resume = (f"then resume from {good_ckpt}, the last checkpoint saved before the streak (move the "
+                              f"newer ones aside)" if good_ckpt else "then start over: no checkpoint was saved before "
+                              "the streak")
                     raise NonFiniteLossError(
                         f"{worst:.0f} consecutive non-finite losses (by step {step}); their updates were skipped. "
                         f"Try a lower learning rate (optim.blr or optim.lr), run.precision=bf16 instead of fp16, or "
-                        f"gradient clipping (optim.clip_grad=1.0), then resume from "
-                        f"{ckpt or 'the last checkpoint in ' + str(self.run.output_dir) + '/checkpoints'}")
+                        f"gradient clipping (optim.clip_grad=1.0); {resume}")
                 window.zero_()
                 nf_worst = nf_run.clone()
                 clock = (time.perf_counter(), step)
@@ -156,7 +160,9 @@ class TrainLoop:
             stopped_by = stop.poll()
             if stopped_by or last or (run.save_every and step % run.save_every == 0):
                 counts = torch.stack([nf_total, nf_run]).tolist()
-                ckpt = self.save(step, {"nonfinite_total": int(counts[0]), "nonfinite_consecutive": int(counts[1])})
+                ckpt = self.save(step, {"nonfinite_total": int(counts[0]), "nonfinite_consecutive": int(counts[1]),
+                                        "last_good_checkpoint": good_ckpt})
+                good_ckpt = good_ckpt if counts[1] else str(ckpt)
         bar.close()
         stop.restore()
         return LoopResult(step=step, loss=loss, stopped_by=stopped_by, checkpoint=ckpt)

@@ -84,6 +84,7 @@ def open_session(accelerator: Accelerator, cfg, *, fingerprint: dict, name: str)
     metrics = MetricsLogger(run_dir, accelerator)
     state = (ckpt.load_latest(expect_fingerprint=fingerprint, config=config) if cfg.run.resume else None) or {}
     if state:
+        state["path"] = str(ckpt.latest())  # the checkpoint resumed from
         metrics.truncate_after(int(state["step"]))
         if accelerator.is_main_process:
             print(f"[{name}] resuming at step {state['step']} from {ckpt.latest()}", flush=True)

@@ -19,6 +19,7 @@ the data2vec EMA teacher's encoder also to teacher_encoder.safetensors). Reconst
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from safetensors.torch import save_file
 
 from data.device_dataset import build_device_loader
 from data.device_input import device_batches
-from data.eval_stream import build_eval_loader
+from data.first_images import first_images
 from data.info import DatasetError, resolve
 from data.train_stream import build_train_loader
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, pretrain_transform, uint8_output
@@ -71,6 +72,12 @@ def build_model(cfg: PretrainConfig):
                                  **{**m.overrides, **({"in_chans": m.in_chans} if m.in_chans else {})})
     except ValueError as exc:  # a combination of model/hog keys the model cannot be built with
         raise ConfigError(f"model: {exc}") from None
+    except TypeError as exc:  # a typo under model.overrides reaches the constructor as a keyword
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+        if unknown is None:
+            raise
+        raise ConfigError(f"unknown config key 'model.overrides.{unknown.group(1)}': {m.name} has no such "
+                          f"constructor argument (see models/variants.py)") from None
 
 
 def build_teacher(cfg: PretrainConfig, model) -> EmaTeacher | None:
@@ -163,10 +170,8 @@ def fixed_images(cfg: PretrainConfig, device) -> torch.Tensor | None:
     if n == 0:
         return None
     tf = eval_transform(cfg.model.img_size, cfg.data.mean, cfg.data.std, crop_pct=1.0)
-    loader = build_eval_loader(recon_spec(cfg), batch_size=n, transform=tf, rank=0, world_size=1, num_workers=0)
-    for batch in device_batches(loader, device, mean=cfg.data.mean, std=cfg.data.std):
-        return batch["image"][batch["valid"]][:n].float()
-    return None
+    images = first_images(recon_spec(cfg), n, tf)  # reads only the shard(s) holding them (remote data too)
+    return None if images is None else images.to(device)
 
 
 def grid(model, images, path: Path, cfg: PretrainConfig) -> None:

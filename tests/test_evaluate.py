@@ -122,3 +122,36 @@ def test_evaluate_errors(tiny):
                      "std": [0.5] * 3})
     with pytest.raises(ConfigError, match="4 classes but .* has 3"):
         evaluate([f"checkpoint={four}", f"data={tiny['data']}:test", "num_workers=0", "progress=false"])
+
+
+def test_evaluate_counts_undecodable_images(tiny, tmp_path, capsys):
+    """An image of the split that does not decode is not silently dropped: eval.json and the printout say
+    n_images + n_corrupt = the split's size."""
+    import io
+    import shutil
+    import tarfile
+
+    from finetune.classify import main as finetune
+    from finetune.evaluate import main as evaluate
+
+    broken = tmp_path / "data"
+    shutil.copytree(tiny["data"], broken)
+    shard = sorted(broken.glob("test-*.tar*"))[0]
+    mode = "gz" if shard.name.endswith(".gz") else ""
+    with tarfile.open(shard, f"r:{mode}") as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    first_jpg = next(m.name for m, _ in members if m.name.endswith(".jpg"))
+    with tarfile.open(shard, f"w:{mode}") as tar:
+        for member, data in members:
+            data = b"not a jpeg" if member.name == first_jpg else data
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    run = tiny["base"] / "ft_corrupt"
+    finetune([f"data.path={tiny['data']}", f"encoder={tiny['encoder']}", *COMMON, "optim.warmup_steps=1",
+              f"run.output_dir={run}", "run.steps=1", "eval_every=0", "run.save_every=0"])
+    capsys.readouterr()
+    out = evaluate([f"checkpoint={run}", f"data={broken}:test", "num_workers=0", "progress=false"])
+    assert out["n_corrupt"] == 1 and out["n_images"] == N_TEST - 1
+    written = json.loads(next(run.glob("eval-*-test.json")).read_text())
+    assert written["n_corrupt"] == 1
+    assert f"WARNING: 1 images of {broken}:test could not be decoded" in capsys.readouterr().out

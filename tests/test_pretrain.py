@@ -127,3 +127,23 @@ def test_launcher_files_parse():
         assert "optimizer" not in ds and "scheduler" not in ds  # torch AdamW, lr set by the loop
     sbatch = ROOT / "launch" / "slurm" / "pretrain.sbatch"
     assert subprocess.run(["bash", "-n", str(sbatch)]).returncode == 0  # run as written: tests/test_launch_files.py
+
+
+def test_nonfinite_streak_names_the_last_checkpoint_before_it(tmp_path, monkeypatch):
+    from models.mae import MaskedAutoencoder
+
+    real, calls = MaskedAutoencoder.forward_loss, []
+
+    def loss_then_nan(self, imgs, pred, mask):
+        calls.append(1)
+        loss = real(self, imgs, pred, mask)
+        return loss * float("nan") if len(calls) > 3 else loss  # steps 4, 5, ... diverge
+
+    monkeypatch.setattr(MaskedAutoencoder, "forward_loss", loss_then_nan)
+    args = tiny_args(tmp_path, "run.max_nonfinite=3", "run.save_every=2", steps=8)
+    with pytest.raises(SystemExit) as err:
+        pretrain_mae.main(args)
+    msg = str(err.value)
+    # checkpoints at steps 2 (before the streak) and 4 (inside it): the advice names step 2's
+    assert "3 consecutive non-finite losses" in msg
+    assert f"resume from {tmp_path / 'checkpoints' / 'step_000002'}" in msg, msg
