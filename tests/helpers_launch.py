@@ -5,6 +5,7 @@ weights compared bitwise, and reference runs shared between test modules (`share
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -77,11 +78,22 @@ def ddp_cmd(args: list[str], port: int) -> list[str]:
             "--main_process_port", str(port), ENTRY, *args]
 
 
-def deepspeed_cmd(args: list[str], port: int, stage: int = 2, nproc: int = 2) -> list[str]:
-    """The shipped ZeRO yaml with the process count and fp32 for a CPU box."""
-    return [ACCELERATE, "launch", "--config_file", str(ROOT / "launch" / "accelerate" / f"zero{stage}.yaml"),
-            "--num_processes", str(nproc), "--main_process_port", str(port), "--mixed_precision", "no",
-            ENTRY, *args]
+def deepspeed_cmd(args: list[str], port: int, stage: int = 2, nproc: int = 2,
+                  fp32_dir: Path | None = None) -> list[str]:
+    """`accelerate launch` with the shipped ZeRO yaml as written (bf16 in its DeepSpeed JSON), or, with `fp32_dir`,
+    with copies of the yaml and JSON edited for fp32 the way docs/LAUNCH.md says ("edit the JSON for fp32"): the
+    numerics comparison with DDP needs both in fp32."""
+    yaml_file = ROOT / "launch" / "accelerate" / f"zero{stage}.yaml"
+    if fp32_dir is not None:
+        ds = json.loads((ROOT / "launch" / "deepspeed" / f"zero{stage}.json").read_text())
+        ds["bf16"] = {"enabled": False}
+        (fp32_dir / f"zero{stage}_fp32.json").write_text(json.dumps(ds))
+        text = yaml_file.read_text().replace(f"launch/deepspeed/zero{stage}.json",
+                                             str(fp32_dir / f"zero{stage}_fp32.json"))
+        yaml_file = fp32_dir / f"zero{stage}_fp32.yaml"
+        yaml_file.write_text(text)
+    return [ACCELERATE, "launch", "--config_file", str(yaml_file), "--num_processes", str(nproc),
+            "--main_process_port", str(port), ENTRY, *args]
 
 
 def run(cmd: list[str], timeout: float = 180, **env_extra: str) -> subprocess.CompletedProcess:
