@@ -25,8 +25,8 @@ class DataSection:
     eval_batch_size: int = opt(256, "per-rank batch size of evaluation and feature extraction")
     num_workers: int = opt(2, "data-loader worker processes per rank")
     img_size: int | None = opt(None, "input resolution (None: the encoder's own; another size interpolates pos_embed)")
-    mean: tuple[float, float, float] | None = opt(None, "normalisation mean (None: dataset.json's, else ImageNet's)")
-    std: tuple[float, float, float] | None = opt(None, "normalisation std (None: dataset.json's, else ImageNet's)")
+    mean: tuple[float, ...] | None = opt(None, "normalisation mean (None: dataset.json's, else ImageNet's)")
+    std: tuple[float, ...] | None = opt(None, "normalisation std (None: dataset.json's, else ImageNet's)")
     crop_pct: float | None = opt(None, "evaluation centre-crop fraction (None: 1.0 up to 64 px, else 0.875)")
     shuffle_buffer: int = opt(2000, "training stream shuffle buffer (samples per worker)")
     pin_memory: bool | None = opt(None, "pinned host memory for the batches; None: on with CUDA")
@@ -133,9 +133,9 @@ class DistillSection:
                                     "beside its classifier.json) or timm:NAME with distill.teacher_weights")
     teacher_weights: str | None = opt(None, "weights file of distill.teacher=timm:NAME (its head must have num_classes "
                                             "outputs)")
-    teacher_mean: tuple[float, float, float] | None = opt(None, "input normalisation of a timm:NAME teacher (None: its "
+    teacher_mean: tuple[float, ...] | None = opt(None, "input normalisation of a timm:NAME teacher (None: its "
                                                                 "timm pretrained_cfg's)")
-    teacher_std: tuple[float, float, float] | None = opt(None, "input normalisation std of a timm:NAME teacher (None: "
+    teacher_std: tuple[float, ...] | None = opt(None, "input normalisation std of a timm:NAME teacher (None: "
                                                                "its timm pretrained_cfg's)")
     tau: float = opt(1.0, "soft distillation temperature (the DeiT code's default: 1.0)")
     alpha: float = opt(0.5, "weight of the distillation loss: (1 - alpha) * CE(cls head) + alpha * distillation "

@@ -36,8 +36,8 @@ def create_encoder(
     **kwargs,
 ) -> VisionTransformer:
     """A timm VisionTransformer with a CLS token, qkv bias and LayerNorm(eps=1e-6); no head unless num_classes > 0."""
-    if in_chans not in (1, 3, 4):
-        raise ValueError(f"in_chans must be 1, 3 or 4, got {in_chans}")
+    if in_chans < 1:
+        raise ValueError(f"in_chans must be >= 1, got {in_chans}")
     if embed_dim % num_heads:
         raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
     size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
