@@ -331,13 +331,18 @@ def test_slurm_arguments_arrive_whole(tmp_path):
     (a stand-in `accelerate` in VENV prints the argv it gets)."""
     fake_venv = tmp_path / "venv" / "bin"
     fake_venv.mkdir(parents=True)
-    (fake_venv / "accelerate").write_text(f"#!{PYTHON}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n")
+    out_dir = tmp_path / "argv"
+    out_dir.mkdir()
+    # one file per task: two fake nodes printing to one pipe at once could interleave their lines
+    (fake_venv / "accelerate").write_text(f"#!{PYTHON}\nimport json, os, sys\n"
+                                          f"open(os.path.join({str(out_dir)!r}, str(os.getpid())), 'w')"
+                                          f".write(json.dumps(sys.argv[1:]))\n")
     (fake_venv / "accelerate").chmod(0o755)
     (command,) = documented(r"^sbatch launch/slurm/pretrain\.sbatch 'data\.train=pipe:")
     brace = "data.recon=/shards/val-{000000..000009}.tar"
     cmd, slurm = _sbatch(command, tmp_path, nodes=2, program_sizes=[brace], VENV=str(tmp_path / "venv"))
-    out = run_ok(cmd, slurm)
-    got = sorted((json.loads(line) for line in out.splitlines() if line.startswith("[")), key=str)
+    run_ok(cmd, slurm)
+    got = sorted((json.loads(f.read_text()) for f in out_dir.iterdir()), key=str)
     assert len(got) == 2  # one task per node
     spec = "data.train=pipe:aws s3 cp s3://bucket/in1k/train-{000000..001281}.tar -"
     for rank, args in enumerate(sorted(got, key=lambda a: a[a.index("--machine_rank") + 1])):
