@@ -134,6 +134,8 @@ def write_results_md(docs: Path) -> Path:
     gpu_unmeasured = "" if "gpu" in results else "\n\n" + render("gpu_unmeasured")
     text = render("results", measured=", ".join(f"`{b}`" for b in results) or "none yet", sections=sections,
                   gpu_unmeasured=gpu_unmeasured)
+    # studies measured outside the chain (docs/results/*_cpu.md: objectives, distillation) follow, as they were written
+    extra = [f.read_text().strip() for f in sorted((docs / "results").glob("*.md"))]
     path = docs / "RESULTS.md"
-    path.write_text(text + "\n")
+    path.write_text("\n\n".join([text, *extra]) + "\n")
     return path
