@@ -222,8 +222,9 @@ def test_chain_wiring_and_results(tmp_path, monkeypatch):
 def test_results_md_is_the_template_rendering_of_the_stored_results(tmp_path):
     """docs/RESULTS.md is exactly what the template makes of docs/results/*.json (the chain writes both)."""
     (tmp_path / "results").mkdir()
-    for f in (REPO / "docs" / "results").glob("cifar10_*.json"):
-        shutil.copy(f, tmp_path / "results" / f.name)
+    for pattern in ("cifar10_*.json", "*.md"):  # the chain's JSON, and the studies it appends as written
+        for f in (REPO / "docs" / "results").glob(pattern):
+            shutil.copy(f, tmp_path / "results" / f.name)
     assert write_results_md(tmp_path).read_text() == (REPO / "docs" / "RESULTS.md").read_text()
 
 
