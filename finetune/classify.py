@@ -248,11 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
         desc="finetune")
     done = loop.fit(session.start_step, session.state)
     if done.stopped_by:
-        if accelerator.is_main_process:
-            print(f"[finetune] stopped by {done.stopped_by} at step {done.step}; checkpoint saved in "
-                  f"{done.checkpoint}. Re-run the same command to resume.", flush=True)
-        session.close()
-        return {"step": done.step, "stopped_by": done.stopped_by, "run_dir": str(run_dir)}
+        return session.stopped("finetune", done, accelerator.is_main_process)
 
     result = run_eval()
     session.metrics.log(done.step, {"test_top1": result["top1"], "test_top5": result["top5"],

@@ -41,6 +41,14 @@ class Session:
     def resumed(self) -> bool:
         return bool(self.state)
 
+    def stopped(self, name: str, done, is_main: bool) -> dict:
+        """After a loop stopped by a signal: say where the checkpoint is, close, and return the run's summary."""
+        if is_main:
+            print(f"[{name}] stopped by {done.stopped_by} at step {done.step}; checkpoint saved in {done.checkpoint}. "
+                  f"Re-run the same command to resume.", flush=True)
+        self.close()
+        return {"step": done.step, "stopped_by": done.stopped_by, "run_dir": str(self.run_dir)}
+
     def close(self) -> None:
         """End the trackers and release the run directory."""
         self.metrics.close()
