@@ -112,8 +112,15 @@ def test_hybrid_errors(tiny, tmp_path):
         resolve_encoder("random", arch="vit_nonexistent_convstem")
 
 
-def test_mae_pretraining_refuses_hybrids():
+def test_mae_pretraining_refuses_hybrids(tmp_path, capsys):
     from models.hybrid import pretraining_refusal
+    from pretrain.mae import main
+
+    with pytest.raises(SystemExit) as info:  # as a user runs it: one line, exit 2, before anything is built
+        main([f"model.name={TEST_HYBRID}", "model.objective=simmim", f"run.output_dir={tmp_path}", "run.steps=1"])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and err.startswith("pretrain/mae.py: error:") and "is a hybrid ViT" in err
+    assert len(err.splitlines()) == 1 and not any(tmp_path.iterdir())
 
     for name in (TEST_HYBRID, "vit_tiny_convstem_p4_32", "timm:vit_small_r26_s32_224"):
         why = pretraining_refusal(name)
