@@ -37,9 +37,8 @@ from launch.config import ConfigError, parse_cli
 from launch.loop import Hook, TrainLoop
 from launch.sections import resolve_batch
 from launch.session import open_session
-from models.classifier import load_encoder_into
+from models.classifier import create_backbone, load_encoder_into
 from models.compile import compile_blocks, compile_enabled
-from models.vit import create_encoder
 
 PROG = "finetune/linprobe.py"
 
@@ -49,7 +48,7 @@ def build_encoder(source, img_size: int | None):
     cfg = dict(source.encoder_cfg)
     if img_size:
         cfg["img_size"] = img_size
-    encoder = create_encoder(**cfg)
+    encoder = create_backbone(cfg)
     if source.state_dict is not None:
         load_encoder_into(encoder, source.state_dict)
     return encoder, cfg
