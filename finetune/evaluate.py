@@ -23,6 +23,7 @@ from finetune.config import EvaluateConfig
 from finetune.evaluation import evaluate_model, write_eval_json
 from launch.accel import build_accelerator
 from launch.config import ConfigError, parse_cli
+from launch.errors import cli
 from launch.sections import OptimConfig, RunConfig
 
 PROG = "finetune/evaluate.py"
@@ -72,4 +73,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(PROG, main)()

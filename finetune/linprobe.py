@@ -34,6 +34,7 @@ from finetune.splits import check_same_classes, labelled_split, norm_stats, spli
 from launch.accel import build_accelerator, configure_deepspeed, input_dtype
 from launch.checkpoint import model_fingerprint
 from launch.config import ConfigError, parse_cli
+from launch.errors import cli
 from launch.loop import Hook, TrainLoop
 from launch.sections import resolve_batch
 from launch.session import open_session
@@ -248,4 +249,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(PROG, main)()
