@@ -123,7 +123,8 @@ class EvalStream(IterableDataset):
         if like is not None:
             return torch.zeros_like(like)
         if self._placeholder is None:
-            self._placeholder = torch.zeros_like(self.transform(Image.new("L", (PLACEHOLDER_SIZE,) * 2)))  # any channels
+            blank = Image.new("L", (PLACEHOLDER_SIZE,) * 2)
+            self._placeholder = torch.zeros_like(self.transform(blank))  # any channels
         return self._placeholder
 
     def __iter__(self) -> Iterator[dict]:

@@ -12,7 +12,7 @@ every slot has an unbounded stream: equal-length streams on every rank. The sequ
 from __future__ import annotations
 
 import random
-from typing import Iterator
+from collections.abc import Iterator
 
 from data.seeding import mix_seed
 

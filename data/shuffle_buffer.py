@@ -10,7 +10,8 @@ that on integers (about a microsecond per skipped sample) and says which input i
 from __future__ import annotations
 
 import random
-from typing import Callable, Iterable, Iterator, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 T = TypeVar("T")
 

@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-
 from test_linprobe import COMMON, N_TEST, TINY_ENC, make_tiny_dataset, make_tiny_encoder
 
 
@@ -36,8 +35,8 @@ def test_topk_hand_worked():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     base = tmp_path_factory.mktemp("ev")
-    return {"data": make_tiny_dataset(base / "data"), "encoder": make_tiny_encoder(base / "enc" / "encoder.safetensors"),
-            "base": base}
+    return {"data": make_tiny_dataset(base / "data"),
+            "encoder": make_tiny_encoder(base / "enc" / "encoder.safetensors"), "base": base}
 
 
 def test_saved_classifier_reloads_with_same_predictions(tmp_path):
@@ -63,13 +62,14 @@ def test_saved_classifier_reloads_with_same_predictions(tmp_path):
         load_classifier(tmp_path / "classifier_last.safetensors")
     (tmp_path / "classifier.json").write_text(json.dumps({**meta, "encoder_cfg": {**TINY_ENC, "embed_dim": 64,
                                                                                   "num_heads": 2}}))
-    with pytest.raises(ConfigError, match=r"shape mismatches: .*blocks\.0\.attn\.qkv\.weight: checkpoint \(96, 32\) vs model \(192, 64\)"):
+    mismatch = r"shape mismatches: .*blocks\.0\.attn\.qkv\.weight: checkpoint \(96, 32\) vs model \(192, 64\)"
+    with pytest.raises(ConfigError, match=mismatch):
         load_classifier(tmp_path / "classifier_last.safetensors")
 
 
 def test_evaluate_matches_finetune_and_probe_runs(tiny):
-    from finetune.evaluate import main as evaluate
     from finetune.classify import main as finetune
+    from finetune.evaluate import main as evaluate
     from finetune.linprobe import main as linprobe
 
     common = [f"data.path={tiny['data']}", f"encoder={tiny['encoder']}", *COMMON, "optim.warmup_steps=1"]
@@ -98,12 +98,13 @@ def test_evaluate_matches_finetune_and_probe_runs(tiny):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cli = json.loads((ft / "cli.json").read_text())
-    assert cli["n_images"] == N_TEST and cli["top1"] == pytest.approx(json.loads((ft / "eval.json").read_text())["top1"])
+    saved = json.loads((ft / "eval.json").read_text())
+    assert cli["n_images"] == N_TEST and cli["top1"] == pytest.approx(saved["top1"])
 
 
 def test_evaluate_errors(tiny):
-    from finetune.evaluate import main as evaluate
     from finetune.classify import main as finetune
+    from finetune.evaluate import main as evaluate
     from launch.config import ConfigError
 
     run = tiny["base"] / "ft_err"

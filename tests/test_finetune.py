@@ -9,8 +9,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from test_linprobe import COMMON, N_TEST, TINY_ENC, launch_two, make_tiny_dataset, make_tiny_encoder
+from test_linprobe import N_TEST, TINY_ENC, launch_two, make_tiny_dataset, make_tiny_encoder
 
 FT = ["run.trackers=none", "run.progress=false", "data.num_workers=0", "data.global_batch=8", "data.eval_batch_size=4",
       "run.log_every=2", "optim.warmup_steps=1", "model.drop_path_rate=0.1"]
@@ -19,8 +18,8 @@ FT = ["run.trackers=none", "run.progress=false", "data.num_workers=0", "data.glo
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     base = tmp_path_factory.mktemp("ft")
-    return {"data": make_tiny_dataset(base / "data"), "encoder": make_tiny_encoder(base / "enc" / "encoder.safetensors"),
-            "base": base}
+    return {"data": make_tiny_dataset(base / "data"),
+            "encoder": make_tiny_encoder(base / "enc" / "encoder.safetensors"), "base": base}
 
 
 def _args(tiny, run, *extra):
@@ -28,9 +27,9 @@ def _args(tiny, run, *extra):
 
 
 def test_classifier_gets_encoder_weights_head_init_and_layer_decay(tiny):
+    from finetune.classify import build_classifier, build_criterion
     from finetune.config import FinetuneConfig
     from finetune.encoder_source import resolve_encoder
-    from finetune.classify import build_classifier, build_criterion
     from launch.config import load_config
     from launch.param_groups import param_groups
     from models.convert import load_state_dict
@@ -42,7 +41,8 @@ def test_classifier_gets_encoder_weights_head_init_and_layer_decay(tiny):
     sd = load_state_dict(str(tiny["encoder"]))
     torch.testing.assert_close(model.blocks[1].mlp.fc2.weight, sd["blocks.1.mlp.fc2.weight"])
     assert model.fc_norm.weight.shape == (32,) and model.head.out_features == 3
-    assert model.head.weight.std().item() == pytest.approx(0.02, rel=0.3) and torch.equal(model.head.bias, torch.zeros(3))
+    assert model.head.weight.std().item() == pytest.approx(0.02, rel=0.3)
+    assert torch.equal(model.head.bias, torch.zeros(3))
     groups = param_groups(model, 0.05, cfg.optim.layer_decay)
     scales = {g["layer_id"]: g["lr_scale"] for g in groups}
     assert scales[0] == pytest.approx(0.75 ** 3) and scales[3] == pytest.approx(1.0)  # depth 2: embed 0.75^3, head 1

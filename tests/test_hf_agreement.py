@@ -1,8 +1,8 @@
 """Numerical agreement with Hugging Face `ViTMAEForPreTraining` and import of every HF key spelling.
 
 HF's from-scratch init is not used for anything: in transformers 5.23 it leaves the encoder and decoder position
-embeddings all zero (a known trap of ViTMAE built from a config), so our weights, converted by models/convert.py, are loaded
-into it. Sin-cos layout: HF builds the canonical [sin_h|cos_h|sin_w|cos_w] table and then swaps the two halves,
+embeddings all zero (a known trap of ViTMAE built from a config), so our weights, converted by models/convert.py, are
+loaded into it. Sin-cos layout: HF builds the canonical [sin_h|cos_h|sin_w|cos_w] table and then swaps the two halves,
 which gives exactly the official MAE layout (first half = column index) that ours uses; checked below.
 """
 

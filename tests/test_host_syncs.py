@@ -83,8 +83,8 @@ def check(counter, run_dir):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     base = tmp_path_factory.mktemp("syncs")
-    return {"data": make_tiny_dataset(base / "data"), "encoder": make_tiny_encoder(base / "enc" / "encoder.safetensors"),
-            "base": base}
+    return {"data": make_tiny_dataset(base / "data"),
+            "encoder": make_tiny_encoder(base / "enc" / "encoder.safetensors"), "base": base}
 
 
 CADENCE = [f"run.steps={STEPS}", f"run.log_every={STEPS}", "run.save_every=0"]

@@ -8,8 +8,8 @@ test_evaluate.py (`from test_linprobe import ...`; no shared helper module exist
 from __future__ import annotations
 
 import json
-import shutil
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -96,8 +96,8 @@ def launch_two(script: str, tmp: Path, timeout: int = 300) -> subprocess.Complet
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     base = tmp_path_factory.mktemp("probe")
-    return {"data": make_tiny_dataset(base / "data"), "encoder": make_tiny_encoder(base / "enc" / "encoder.safetensors"),
-            "base": base}
+    return {"data": make_tiny_dataset(base / "data"),
+            "encoder": make_tiny_encoder(base / "enc" / "encoder.safetensors"), "base": base}
 
 
 # ------------------------------------------------------------------------------------------------ units
@@ -118,8 +118,7 @@ def _mocov3_lars_step(params, grads, bufs, lr, momentum=0.9, trust=1e-3):
 
 
 def test_lars_matches_mocov3_reference():
-    from finetune.probe import ProbeHead
-    from finetune.probe import build_lars
+    from finetune.probe import ProbeHead, build_lars
 
     torch.manual_seed(0)
     head = ProbeHead(6, 4).double()
@@ -307,8 +306,9 @@ def test_encoder_sources_official_pth_and_timm(tiny, tmp_path):
 
 
 def test_linprobe_cached_resume_is_exact(tiny):
-    from finetune.linprobe import main
     from safetensors.torch import load_file
+
+    from finetune.linprobe import main
 
     run = tiny["base"] / "resume"
     args = [f"data.path={tiny['data']}", f"encoder={tiny['encoder']}", f"run.output_dir={run}", "run.steps=6",

@@ -34,7 +34,7 @@ def _step(model, opt, guard, x, y):
 
 def _state(model, opt):
     tensors = {f"m.{k}": v.clone() for k, v in model.state_dict().items()}
-    for i, (p, s) in enumerate(opt.state.items()):
+    for i, s in enumerate(opt.state.values()):
         tensors.update({f"o{i}.{k}": v.clone() for k, v in s.items() if torch.is_tensor(v)})
     return tensors
 

@@ -1,16 +1,14 @@
 """pretrain/mae.py in one process: configs load, the default model learns (short run), outputs are usable,
 non-finite losses skip the update, a changed model refuses to resume, SIGTERM checkpoints and exits 0."""
 
-import math
 import signal
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
+from helpers_launch import ENTRY, PYTHON, ROOT, env, read_metrics, tiny_args, wait_for_step
 from safetensors.torch import load_file
 
-from helpers_launch import ENTRY, PYTHON, ROOT, env, read_metrics, tiny_args, wait_for_step
 from launch.config import load_config
 from pretrain import mae as pretrain_mae
 from pretrain.config import PretrainConfig

@@ -36,7 +36,7 @@ def cut(archive: str, output: Path, seed: int = 0) -> dict:
                 by_split_class[(parts[0], parts[1])].append(m)
         rng = random.Random(seed)
         chosen = []
-        for (split, cls), ms in sorted(by_split_class.items()):
+        for (split, _cls), ms in sorted(by_split_class.items()):
             ms = sorted(ms, key=lambda m: m.name)
             chosen += rng.sample(ms, PLAN[split][0])
         with tempfile.TemporaryDirectory(prefix="cifar-cut-") as tmp:
