@@ -60,11 +60,11 @@ def infer_encoder_cfg(sd: dict[str, torch.Tensor]) -> dict:
         raise ConfigError(f"encoder checkpoint lacks {missing}; is it a ViT encoder? keys start with {sorted(sd)[:5]}")
     w = sd["patch_embed.proj.weight"]  # [D, C, p, p]
     embed_dim, in_chans, patch = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
-    tokens = int(sd["pos_embed"].shape[1])  # 1 + grid*grid with a cls token
-    prefix = 1 if "cls_token" in sd else 0
+    tokens = int(sd["pos_embed"].shape[1])  # grid*grid + the prefix tokens (cls, and dist when distilled)
+    prefix = int("cls_token" in sd) + int("dist_token" in sd)
     grid = math.isqrt(tokens - prefix)
     if grid * grid != tokens - prefix:
-        raise ConfigError(f"pos_embed of {tokens} tokens is not a square grid (+{prefix} cls); non-square encoders "
+        raise ConfigError(f"pos_embed of {tokens} tokens is not a square grid (+{prefix} prefix); non-square encoders "
                           "need an explicit arch=")
     depth = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
     if depth < 1:

@@ -111,16 +111,32 @@ def add_dist_token(sd: dict) -> bool:
     return True
 
 
+def drop_dist_token(sd: dict) -> bool:
+    """A DeiT-distilled encoder made to fit a model without a distillation token, in place: `dist_token` and its
+    slot of the position embedding (second, after CLS, as timm orders the prefix tokens) are removed; the CLS token
+    and the patch positions stay. True when it changed `sd`."""
+    if "dist_token" not in sd:
+        return False
+    sd.pop("dist_token")
+    pos = sd.get("pos_embed")
+    if pos is not None and pos.ndim == 3 and "cls_token" in sd:
+        sd["pos_embed"] = torch.cat([pos[:, :1], pos[:, 2:]], dim=1)  # [1, 1 + L, D]
+    return True
+
+
 def load_encoder_into(model: VisionTransformer, state_dict: dict) -> dict:
     """Load pretrained encoder weights (any supported format) into a classifier built by create_classifier.
 
     New head (and fc_norm for avg pooling) stay freshly initialised; with avg pooling the checkpoint's final
     `norm` is dropped, as MAE fine-tuning does. A distilled model gets its distillation token from the CLS token
-    (`add_dist_token`). Returns {"loaded", "missing", "ignored", "resized", "dist_token"}.
+    (`add_dist_token`); a distilled checkpoint loaded into a plain model loses its own (`drop_dist_token`). Returns {"loaded", "missing", "ignored", "resized", "dist_token"}.
     Raises CheckpointMismatch naming every other disagreeing key and shape.
     """
     sd = dict(to_encoder_state_dict(state_dict))
-    dist = getattr(model, "dist_token", None) is not None and add_dist_token(sd)
+    if getattr(model, "dist_token", None) is not None:
+        dist = "copied from cls_token" if add_dist_token(sd) else None
+    else:
+        dist = "dropped (the model has none)" if drop_dist_token(sd) else None
     ignored = []
     if isinstance(model.norm, nn.Identity):  # avg pooling: fc_norm replaces norm
         ignored += [k for k in sd if k.startswith("norm.")]
@@ -143,4 +159,4 @@ def load_encoder_into(model: VisionTransformer, state_dict: dict) -> dict:
     report = check_state_dict(model, sd, allow_missing=("head", "head_dist", "fc_norm"))
     model.load_state_dict(sd, strict=False)
     return {"loaded": len(sd), "missing": report["missing"], "ignored": ignored, "resized": resized,
-            "dist_token": "copied from cls_token" if dist else None}
+            "dist_token": dist}

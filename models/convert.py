@@ -162,7 +162,7 @@ def to_mae_state_dict(sd: dict) -> dict[str, torch.Tensor]:
 
 def to_encoder_state_dict(sd: dict) -> dict[str, torch.Tensor]:
     """Any supported format -> encoder weights under timm names (decoder, mask token and classifier head dropped)."""
-    return {k: v for k, v in to_official(sd).items() if not k.startswith(_DECODER + ("head.",))}
+    return {k: v for k, v in to_official(sd).items() if not k.startswith(_DECODER + ("head.", "head_dist."))}
 
 
 def to_hf_state_dict(sd: dict, spelling: str = "v4") -> dict[str, torch.Tensor]:

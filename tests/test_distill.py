@@ -151,6 +151,37 @@ def test_mae_encoder_starts_the_distillation_token_from_cls(tiny):
     torch.testing.assert_close(bigger.pos_embed[:, 1], sd["pos_embed"][:, 0])
 
 
+def test_distilled_checkpoint_probes_and_fine_tunes_as_a_plain_vit(tiny, tmp_path):
+    """A distilled classifier's weights (two prefix tokens, two heads) go to a model without a distillation token:
+    the encoder is recognised (its grid is 4x4 + CLS + dist), and loading keeps CLS and the patch positions exactly."""
+    from finetune.encoder_source import resolve_encoder
+    from models.classifier import create_classifier, load_encoder_into
+    from models.convert import load_state_dict
+
+    distilled = create_classifier(TINY_ENC, 3, distilled=True)
+    load_encoder_into(distilled, load_state_dict(str(tiny["encoder"])))
+    with torch.no_grad():
+        distilled.dist_token.add_(1.0)  # a learned token, unlike CLS
+    sd = {k: v.contiguous() for k, v in distilled.state_dict().items()}
+    save_file(sd, str(tmp_path / "distilled.safetensors"))
+
+    source = resolve_encoder(str(tmp_path / "distilled.safetensors"), num_heads=TINY_ENC["num_heads"])
+    assert {k: source.encoder_cfg[k] for k in ("img_size", "patch_size", "depth")} == {
+        k: TINY_ENC[k] for k in ("img_size", "patch_size", "depth")}
+    assert not any(k.startswith(("head.", "head_dist.")) for k in source.state_dict)
+
+    plain = create_classifier(TINY_ENC, 3)
+    report = load_encoder_into(plain, source.state_dict)
+    assert report["dist_token"] == "dropped (the model has none)" and report["resized"] is None
+    torch.testing.assert_close(plain.cls_token, sd["cls_token"])
+    torch.testing.assert_close(plain.pos_embed[:, :1], sd["pos_embed"][:, :1])
+    torch.testing.assert_close(plain.pos_embed[:, 1:], sd["pos_embed"][:, 2:])  # the dist slot is gone
+    torch.testing.assert_close(plain.blocks[1].mlp.fc2.weight, sd["blocks.1.mlp.fc2.weight"])
+    again = create_classifier(TINY_ENC, 3, distilled=True)  # distilling again keeps the learned token
+    assert load_encoder_into(again, source.state_dict)["dist_token"] is None
+    torch.testing.assert_close(again.dist_token, sd["dist_token"])
+
+
 def test_teacher_sources_and_their_errors(tiny, tmp_path):
     import timm
 
@@ -233,6 +264,14 @@ def test_cnn_teacher_from_the_pipeline_teaches_a_vit_student(tiny, capsys):
         assert torch.equal(reloaded(x), student(x))
         tokens = student.forward_features(x)
         torch.testing.assert_close(student(x), (student.head(tokens[:, 0]) + student.head_dist(tokens[:, 1])) / 2)
+
+    # the distilled export is an encoder like any other: a linear probe reads its CLS and patch tokens
+    from finetune.linprobe import main as probe
+    from test_linprobe import COMMON
+
+    probe([f"data.path={data}", f"encoder={path}", f"run.output_dir={base / 'probe_distilled'}", "run.steps=2",
+           *COMMON])
+    assert json.loads((base / "probe_distilled" / "eval.json").read_text())["n_images"] == N_TEST
 
 
 def _bad(tiny, *extra):
