@@ -129,7 +129,8 @@ def load_encoder_into(model: VisionTransformer, state_dict: dict) -> dict:
 
     New head (and fc_norm for avg pooling) stay freshly initialised; with avg pooling the checkpoint's final
     `norm` is dropped, as MAE fine-tuning does. A distilled model gets its distillation token from the CLS token
-    (`add_dist_token`); a distilled checkpoint loaded into a plain model loses its own (`drop_dist_token`). Returns {"loaded", "missing", "ignored", "resized", "dist_token"}.
+    (`add_dist_token`); a distilled checkpoint loaded into a plain model loses its own (`drop_dist_token`).
+    Returns {"loaded", "missing", "ignored", "resized", "dist_token"}.
     Raises CheckpointMismatch naming every other disagreeing key and shape.
     """
     sd = dict(to_encoder_state_dict(state_dict))
