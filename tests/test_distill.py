@@ -266,8 +266,9 @@ def test_cnn_teacher_from_the_pipeline_teaches_a_vit_student(tiny, capsys):
         torch.testing.assert_close(student(x), (student.head(tokens[:, 0]) + student.head_dist(tokens[:, 1])) / 2)
 
     # the distilled export is an encoder like any other: a linear probe reads its CLS and patch tokens
-    from finetune.linprobe import main as probe
     from test_linprobe import COMMON
+
+    from finetune.linprobe import main as probe
 
     probe([f"data.path={data}", f"encoder={path}", f"run.output_dir={base / 'probe_distilled'}", "run.steps=2",
            *COMMON])
