@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from launch.metrics import read_metrics
 from recipes.cifar10.chain import BUDGETS, prepare_work
 from recipes.cifar10.objectives_doc import write_study
 from recipes.cifar10.record import git_commit, hardware, read_yaml
@@ -74,10 +75,6 @@ ARMS = (
 def median_images_per_sec(metrics: Path, skip: int = 0) -> float | None:
     rates = [r["images_per_sec"] for r in read_metrics(metrics) if r.get("step", 0) > skip and "images_per_sec" in r]
     return statistics.median(rates) if rates else None
-
-
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def study(args) -> dict:
@@ -138,7 +135,8 @@ def study(args) -> dict:
 
 def arm_result(arm: Arm, out: Path, probe_dir: Path, pretrain: dict, probe: dict, calib_rate: float | None) -> dict:
     metrics = read_metrics(out / "metrics.jsonl")
-    losses = [r["loss"] for r in metrics if "loss" in r]
+    logged = [r for r in metrics if isinstance(r.get("loss"), (int, float))]  # null: a window of skipped steps
+    losses = [r["loss"] for r in logged]
     knn = [r["knn_top1"] for r in metrics if "knn_top1" in r]
     evaluation = json.loads((probe_dir / "eval.json").read_text())
     last = metrics[-1] if metrics else {}
@@ -148,7 +146,7 @@ def arm_result(arm: Arm, out: Path, probe_dir: Path, pretrain: dict, probe: dict
             "calibration_images_per_sec": calib_rate,
             "loss_first": statistics.fmean(losses[:20]) if losses else None,
             "loss_last": statistics.fmean(losses[-20:]) if losses else None,
-            "loss_curve": [[r["step"], r["loss"]] for r in metrics if "loss" in r],
+            "loss_curve": [[r["step"], round(r["loss"], 5)] for r in logged],
             "knn_top1": 100.0 * knn[-1] if knn else None,
             "probe_top1": evaluation["top1"], "probe_top5": evaluation["top5"], "probe_images": evaluation["n_images"],
             "probe_seconds": probe["seconds"]}
