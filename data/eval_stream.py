@@ -24,12 +24,12 @@ from collections.abc import Callable, Iterator
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from data.decode import CorruptSample, decode_image, decode_label
 from data.info import DatasetError, DatasetInfo, resolve
-from data.worker_signals import worker_init
+from data.worker_signals import stop_signals_blocked, worker_init
 
 log = logging.getLogger(__name__)
 
@@ -167,11 +167,13 @@ class EvalLoader:
 
     def __iter__(self) -> Iterator[dict]:
         gen = torch.Generator().manual_seed(0)  # keeps DataLoader from drawing on the global torch RNG
-        loader = wds.WebLoader(self.stream, batch_size=None, num_workers=self.num_workers,
-                               pin_memory=self.pin_memory, generator=gen, worker_init_fn=self.worker_init_fn)
+        loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
+                            pin_memory=self.pin_memory, generator=gen, worker_init_fn=self.worker_init_fn)
+        with stop_signals_blocked():  # the workers start with the stop signals blocked (data/worker_signals.py)
+            batches = iter(loader)
         latest: dict[int, int] = {}
         n = 0
-        for batch in loader:
+        for batch in batches:
             latest[batch.pop("worker")] = batch["n_corrupt"]
             batch["n_corrupt"] = sum(latest.values())
             n += 1

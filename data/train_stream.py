@@ -35,14 +35,14 @@ from collections.abc import Callable, Iterator
 
 import torch
 import webdataset as wds
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.decode import CorruptSample, decode_image, decode_label
 from data.info import DatasetInfo, resolve
 from data.seeding import mix_seed, seeded_global_rngs
 from data.shard_draws import slot_draws
 from data.shuffle_buffer import buffer_shuffle, fast_forward, restore_buffer
-from data.worker_signals import worker_init
+from data.worker_signals import stop_signals_blocked, worker_init
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class _SlotCounters:
 
 
 class TrainStream(IterableDataset):
-    """The per-worker stream of collated batches (use `build_train_loader`, which wraps it in a WebLoader)."""
+    """The per-worker stream of collated batches (use `build_train_loader`, which wraps it in a DataLoader)."""
 
     def __init__(self, info: DatasetInfo, *, batch_size: int, transform: Callable, seed: int, rank: int,
                  world_size: int, num_workers: int, start_batch: int = 0, shuffle_buffer: int = 1000,
@@ -274,10 +274,12 @@ class TrainLoader:
         kw = {"prefetch_factor": self.prefetch_factor} if self.num_workers > 0 and self.prefetch_factor else {}
         # own generator: DataLoader draws its workers' base seed from it instead of the global torch RNG
         gen = torch.Generator().manual_seed(mix_seed(self.stream.seed, "loader", self.stream.rank))
-        loader = wds.WebLoader(self.stream, batch_size=None, num_workers=self.num_workers,
-                               pin_memory=self.pin_memory, generator=gen, worker_init_fn=self.worker_init_fn, **kw)
+        loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
+                            pin_memory=self.pin_memory, generator=gen, worker_init_fn=self.worker_init_fn, **kw)
         latest: dict[int, int] = {}
-        for batch in loader:
+        with stop_signals_blocked():  # the workers start with the stop signals blocked (data/worker_signals.py)
+            batches = iter(loader)
+        for batch in batches:
             latest[batch.pop("worker")] = batch["n_corrupt"]
             batch["n_corrupt"] = sum(latest.values())
             self.batches += 1

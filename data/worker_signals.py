@@ -12,17 +12,21 @@ DataLoader worker is among them; with the default action it dies, and the rank t
   ends the worker as before; a SIGTERM from anyone else (launcher, scheduler, shell) is ignored, and the rank's own
   handler (launch/signals.py) asks the loop to stop. A plain SIG_IGN would make `terminate()` a no-op and hang the
   rank's exit whenever a worker is still running then.
-A worker still dies from SIGKILL, and by itself when its rank is gone (the DataLoader's parent watchdog). Processes a
-worker starts (`pipe:` shard URLs) inherit the ignored SIGUSR1 and the blocked SIGTERM, so a shard download in flight
-is not cut short by the stop signal either. Written by hand: neither torch nor webdataset offers this.
+The workers are forked with both signals blocked (`stop_signals_blocked` around the loader's `iter`), so one that
+arrives before `worker_init_fn` has run waits for it instead of ending the worker with the default action; the rank
+gets any such signal of its own as soon as its mask is restored. A worker still dies from SIGKILL, and by itself
+when its rank is gone (the DataLoader's parent watchdog). Processes a worker starts (`pipe:` shard URLs) inherit the
+ignored SIGUSR1 and the blocked SIGTERM, so a shard download in flight is not cut short by the stop signal either.
+Written by hand: neither torch nor webdataset offers this.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -47,6 +51,18 @@ def ignore_stop_signals(worker_id: int | None = None) -> None:
                      name="sigterm-from-rank").start()
 
 
+@contextlib.contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """Block SIGTERM and SIGUSR1 in the calling thread for the body (the DataLoader forking its workers): processes
+    started meanwhile inherit the block, so a stop signal sent to the group then stays pending until the worker has
+    set up its handling (`ignore_stop_signals`); the caller's own pending signals arrive when its mask is restored."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def worker_init(chained: Callable[[int], None] | None = None) -> Callable[[int], None]:
     """A `worker_init_fn` that protects the worker from the stop signals, then runs `chained(worker_id)` (an existing
     init function)."""
@@ -66,4 +82,4 @@ class _Chained:
         self.chained(worker_id)
 
 
-__all__ = ["STOP_SIGNALS", "ignore_stop_signals", "worker_init"]
+__all__ = ["STOP_SIGNALS", "ignore_stop_signals", "stop_signals_blocked", "worker_init"]

@@ -9,7 +9,7 @@ stage. `build_accelerator` adds what the launcher cannot know:
 * DeepSpeed on a CPU box: skip the JIT build of DeepSpeed's shared-memory comm op (~100 s of g++), and check that
   `transformers` is importable (Accelerate's DeepSpeed path imports it);
 * `configure_deepspeed`: DeepSpeed's micro-batch, accumulation and clipping filled from our config before `prepare`
-  (the WebLoader is not prepared, so DeepSpeed cannot infer the batch size). The optimizer stays a torch AdamW
+  (the DataLoader is not prepared, so DeepSpeed cannot infer the batch size). The optimizer stays a torch AdamW
   (never a DeepSpeed-config optimizer, which would JIT-compile a CPU kernel).
 """
 

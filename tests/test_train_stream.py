@@ -236,6 +236,27 @@ def test_workers_survive_stop_signals_from_others(tmp_path):
     loader.close()
 
 
+def test_workers_start_with_the_stop_signals_blocked(tmp_path):
+    """A stop signal to the group while the workers are still starting, before their `worker_init_fn` has run, must
+    not end them with the default action: they are forked with SIGTERM and SIGUSR1 blocked. Their kernel mask shows
+    it (SIGUSR1 stays blocked only through the fork: the init itself merely ignores it); the rank's mask is back."""
+    import signal
+
+    _write(tmp_path, [6, 6, 6, 6])
+    before = _children()
+    loader = iter(build_train_loader(tmp_path, transform=TRANSFORM, seed=0, num_workers=2, shuffle_buffer=0,
+                                     batch_size=3))
+    next(loader)
+    workers = sorted(_children() - before)
+    assert len(workers) == 2
+    for pid in workers:
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        blocked = int(next(line for line in status if line.startswith("SigBlk:")).split()[1], 16)
+        assert blocked & (1 << (signal.SIGUSR1 - 1)) and blocked & (1 << (signal.SIGTERM - 1)), hex(blocked)
+    assert not {signal.SIGTERM, signal.SIGUSR1} & signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    loader.close()
+
+
 EXIT_WITH_LIVE_WORKERS = r"""
 import itertools, sys
 sys.path.insert(0, sys.argv[2])
