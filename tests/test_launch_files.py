@@ -235,8 +235,9 @@ def test_one_process_bf16(tmp_path):
 
 def test_gpu1_simple_launcher(tmp_path):
     """gpu1.yaml as written (one process: Accelerate's simple launcher). Pins what docs/LAUNCH.md says about it: it
-    does not handle SIGTERM; sent to the process group, the launcher dies of it (-15) instead of waiting for the
-    trainer, which saves its checkpoint on its own."""
+    does not wait for the trainer on SIGTERM; sent to the process group, the launcher ends at once with a non-zero
+    status (it dies of the signal or exits 143, depending on the Accelerate version), and the trainer saves its
+    checkpoint on its own."""
     import os
 
     (command,) = documented(r"launch/accelerate/gpu1\.yaml")
@@ -247,7 +248,7 @@ def test_gpu1_simple_launcher(tmp_path):
         seen, lines = read_until_step(proc, 2)
         assert any("precision bf16" in line for line in lines)  # the yaml's mixed_precision reached the trainer
         os.killpg(proc.pid, signal.SIGTERM)
-        assert proc.wait(timeout=60) == -signal.SIGTERM  # the launcher died of the signal
+        assert proc.wait(timeout=60) != 0  # the launcher ended (its exact status depends on the Accelerate version)
         rest, _ = proc.communicate(timeout=120)  # the trainer goes on (it holds the pipe) until its checkpoint
     finally:
         kill_group(proc)
