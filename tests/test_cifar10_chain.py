@@ -241,6 +241,7 @@ def test_fresh_refuses_foreign_folder(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------- the real chain
 
 
+@pytest.mark.slow
 def test_micro_budget_end_to_end(tmp_path):
     """The documented command with size overrides only: every entry point really runs (2 steps each)."""
     cmd = [sys.executable, "recipes/cifar10/chain.py", "--budget", "micro", "--work", str(tmp_path / "work"),

@@ -53,6 +53,7 @@ def test_regionally_compiled_step_matches_eager(mask_type):
             assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), name
 
 
+@pytest.mark.slow
 def test_inductor_compiled_loss_matches_eager_fp32():
     eager = _tiny(depth=1)
     compiled = copy.deepcopy(eager)

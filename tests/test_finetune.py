@@ -96,6 +96,7 @@ def test_finetune_resume_is_exact(tiny):
     assert steps == sorted(steps) and steps.count(4) >= 1 and steps.count(2) == 1
 
 
+@pytest.mark.slow
 def test_two_processes_finetune_counts_every_image_once(tiny, tmp_path):
     run = tmp_path / "ft2"
     ev_args = [f"checkpoint={run}", f"data={tiny['data']}:test", "num_workers=0", "batch_size=3", "progress=false",

@@ -120,6 +120,7 @@ def test_monitor_logs_knn_top1_in_the_step_record(tiny_data, tmp_path, capsys):
     assert records[-1]["knn_top1"] == pytest.approx(recompute_top1(tmp_path, tiny_data, 20, 10), abs=1e-12)
 
 
+@pytest.mark.slow
 def test_monitor_on_two_ranks_counts_every_image_once(tiny_data, tmp_path):
     args = knn_args(tmp_path, tiny_data, "knn.every=0", steps=2)
     launch_two(f"from pretrain.mae import main\nmain({args!r})\n", tmp_path)

@@ -203,6 +203,7 @@ def test_every_launch_file_is_valid_and_documented():
 # ------------------------------------------------------------------------------------- one process, two processes
 
 
+@pytest.mark.slow
 def test_one_process_reference():
     """README: `.venv/bin/python pretrain/mae.py` / LAUNCH.md `python pretrain/mae.py` (the shared reference)."""
     for command in documented(r"^(\.venv/bin/)?python pretrain/mae\.py( \.\.\.)?$"):
@@ -210,6 +211,7 @@ def test_one_process_reference():
     finished(pretrain_reference(1), 40)
 
 
+@pytest.mark.slow
 def test_two_process_reference():
     (command,) = documented(r"^ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 pretrain/mae.py$")
     cmd, extra = argv(command)
@@ -223,6 +225,7 @@ def test_help():
     assert "run.output_dir" in out and "data.micro_batch" in out
 
 
+@pytest.mark.slow
 def test_one_process_bf16(tmp_path):
     (command,) = documented(r"^python pretrain/mae\.py CONFIG\.yaml run\.precision=bf16$")
     cmd, extra = argv(command, program_sizes=sizes(tmp_path / "run"))
@@ -233,6 +236,7 @@ def test_one_process_bf16(tmp_path):
     finished(tmp_path / "run", 3)
 
 
+@pytest.mark.slow
 def test_gpu1_simple_launcher(tmp_path):
     """gpu1.yaml as written (one process: Accelerate's simple launcher). Pins what docs/LAUNCH.md says about it: it
     does not wait for the trainer on SIGTERM; sent to the process group, the launcher ends at once with a non-zero
@@ -257,6 +261,7 @@ def test_gpu1_simple_launcher(tmp_path):
     assert len(steps) == 1 and seen <= steps[0] < 40
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ddp8", "zero2", "zero3"])
 def test_accelerate_yaml(tmp_path, name):
     """ddp8.yaml (bf16 DDP), zero2.yaml and zero3.yaml (DeepSpeed, bf16 from the JSON) as written, with two processes
@@ -273,6 +278,7 @@ def test_accelerate_yaml(tmp_path, name):
     finished(tmp_path / "run", 3)
 
 
+@pytest.mark.slow
 def test_multinode(tmp_path):
     """The two-node commands of docs/LAUNCH.md, both machines on 127.0.0.1 with one process each."""
     port = free_port()
@@ -287,6 +293,7 @@ def test_multinode(tmp_path):
     finished(tmp_path / "run", 3)
 
 
+@pytest.mark.slow
 def test_torchrun_deepspeed(tmp_path):
     (command,) = documented(r"^ACCELERATE_USE_DEEPSPEED=true .* torchrun ")
     cmd, extra = argv(command.replace("--nproc_per_node 8", "--nproc_per_node 2"),
@@ -310,6 +317,7 @@ def _sbatch(command: str, tmp_path, *, nodes: int, program_sizes=(), **extra_env
     return ["bash", str(ROOT / SBATCH), *words[script + 1:], *program_sizes], slurm
 
 
+@pytest.mark.slow
 def test_slurm_as_written(tmp_path):
     """`sbatch --nodes 4 launch/slurm/pretrain.sbatch pretrain/configs/in1k_vit_base.yaml data.train=...` with the
     default ACCEL_CONFIG (ddp8.yaml), two fake nodes of one process each; SIGTERM to the batch shell's group (scancel):
@@ -327,6 +335,7 @@ def test_slurm_as_written(tmp_path):
     assert requeues(tmp_path / "slurm") == []
 
 
+@pytest.mark.slow
 def test_slurm_arguments_arrive_whole(tmp_path):
     """Item 3: a `pipe:` spec with spaces and a brace pattern reach the program as ONE argument each, on every node
     (a stand-in `accelerate` in VENV prints the argv it gets)."""
@@ -355,6 +364,7 @@ def test_slurm_arguments_arrive_whole(tmp_path):
 # ----------------------------------------------------------------------------------------- data and downstream
 
 
+@pytest.mark.slow
 def test_make_shards(tmp_path):
     from PIL import Image
 
@@ -371,6 +381,7 @@ def test_make_shards(tmp_path):
     assert json.loads((tmp_path / "out" / "dataset.json").read_text())["splits"]["train"]["num_classes"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["linprobe.py", "classify.py"])
 def test_downstream(script):
     """README: `python finetune/<script> encoder=runs/pretrain/encoder.safetensors` (shared with the pre-emption
@@ -382,6 +393,7 @@ def test_downstream(script):
     assert summary["n_images"] == 1000 and summary["steps"] == 40
 
 
+@pytest.mark.slow
 def test_evaluate(tmp_path):
     (command,) = documented(r"^python finetune/evaluate\.py ")
     classify = downstream_reference("classify.py")
@@ -392,6 +404,7 @@ def test_evaluate(tmp_path):
     assert result["n_images"] == 1000
 
 
+@pytest.mark.slow
 def test_visualize(tmp_path):
     (command,) = documented(r"^python pictures/visualize\.py ")
     pretrain = pretrain_reference(1)
@@ -400,6 +413,7 @@ def test_visualize(tmp_path):
     assert (tmp_path / "pics" / "summary.json").is_file()
 
 
+@pytest.mark.slow
 def test_convert(tmp_path):
     """README: `python models/convert.py --input mae_pretrain_vit_base_full.pth ...`, the official file stood in for
     by the reference run's weights in the official layout (`{"model": ...}`, official key names)."""

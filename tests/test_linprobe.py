@@ -232,6 +232,7 @@ def test_linprobe_augmented_path_and_random_baseline(tiny):
     assert ev["encoder"]["spec"] == "random" and not (run / "features").exists()
 
 
+@pytest.mark.slow
 def test_two_processes_cached_and_augmented(tiny, tmp_path):
     runs = {p: tmp_path / p for p in ("cached", "augmented")}
     common = [f"data.path={tiny['data']}", f"encoder={tiny['encoder']}", "run.steps=4", "optim.warmup_steps=1",

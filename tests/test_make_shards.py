@@ -178,6 +178,7 @@ def test_stale_temporary_folder_of_a_dead_writer_is_removed(image_folder, tmp_pa
 
 # workers=2 is left out: a pool worker blocked reading the FIFO (SIGTERM blocked in pool workers) makes the pool's
 # terminate wait for it about half the time; a known gap of the writer, recorded in the round's notes
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1])
 def test_sigterm_removes_the_temporary_folder(image_folder, tmp_path, workers):
     """SIGTERM to the writer's process group while it writes (it blocks reading a FIFO among the inputs, so the

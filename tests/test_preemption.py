@@ -40,6 +40,8 @@ from helpers_launch import (
 )
 from helpers_slurm import requeues, sbatch_env
 
+pytestmark = pytest.mark.slow  # multi-process launches, DeepSpeed, SLURM, pre-emption
+
 SIGNAL_AT = 2  # the run has PRE_STEPS - 2 steps left to stop in
 TORCHELASTIC_STOP = {"PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"}  # docs/LAUNCH.md
 

@@ -25,6 +25,8 @@ from helpers_launch import (
 )
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # multi-process launches, DeepSpeed, SLURM, pre-emption
+
 STEPS = 6
 ACCUM = ["optim.grad_accum_steps=2", "data.micro_batch=4"]  # 2 micro-steps of 4 images per rank and step
 # DDP and ZeRO-2 run the same fp32 math with the same data and masks; they differ only in how gradients are reduced

@@ -123,6 +123,7 @@ def test_metrics_of_a_run_that_never_saved_are_moved_aside(tmp_path):
 
 
 
+@pytest.mark.slow
 def test_entry_point_end_to_end(tmp_path):
     """Items 4 and 5 through `python pretrain/mae.py`: a second run into a running run's directory stops at once
     (exit 2, the holder named); after the first is stopped, `run.resume=false` over its checkpoints is refused;

@@ -189,6 +189,7 @@ def test_colormap_and_overlay():
         colormap(np.zeros(2), "no_such_map")
 
 
+@pytest.mark.slow
 def test_documented_command_runs_as_a_user_runs_it(tmp_path):
     """`python pictures/visualize.py checkpoint=... output_dir=...` (README), plus size overrides; --help; a bad
     colormap is one error line with exit code 2."""
