@@ -21,11 +21,15 @@ from pathlib import Path
 
 import webdataset as wds
 
+from core.errors import UserError
+
 DEFAULT_SPLIT = "train"
+EVAL_SPLITS = ("val", "test")  # looked for next to the training split when no evaluated split is named
+REPO = Path(__file__).resolve().parents[1]  # relative dataset folders are also looked for here (data/sample)
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")  # pipe:, http:, s3:, gs:, file: ...
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset spec that cannot be used: the message names the path or URL and what is wrong."""
 
 
@@ -109,6 +113,33 @@ def _sizes_from_neighbour_json(urls: list[str]) -> DatasetInfo | None:
     return None
 
 
+def locate(spec: str) -> str:
+    """A local dataset spec as given, or relative to the repository when only that exists (so `data/sample` and
+    `data/sample:test` work from any directory; a `:split` suffix is kept). Remote specs are returned unchanged."""
+    spec = str(spec)
+    head = spec.split(":")[0]
+    if spec and not _is_url(spec) and not Path(head).is_absolute() and not Path(head).exists() \
+            and (REPO / head).exists():
+        return str(REPO / spec)
+    return spec
+
+
+def neighbour_split(train_spec: str) -> str | None:
+    """`FOLDER:val`, else `FOLDER:test`, when the training data is a dataset folder holding such a split: where the
+    evaluated split is taken from when none is named."""
+    train_spec = locate(train_spec)
+    folder = train_spec.rsplit(":", 1)[0] if ":" in train_spec else train_spec
+    if not Path(folder).is_dir():
+        return None
+    for split in EVAL_SPLITS:
+        try:
+            resolve(f"{folder}:{split}")
+        except DatasetError:
+            continue
+        return f"{folder}:{split}"
+    return None
+
+
 def resolve(spec: str | os.PathLike | Sequence[str], split: str | None = None) -> DatasetInfo:
     """Turn a dataset spec into shard URLs (+ counts and class names when a dataset.json describes them).
 
@@ -118,7 +149,7 @@ def resolve(spec: str | os.PathLike | Sequence[str], split: str | None = None) -
     if isinstance(spec, (list, tuple)):
         urls = [u for s in spec for u in wds.shardlists.expand_urls(str(s))]
     else:
-        spec = str(spec)
+        spec = locate(str(spec))
         if not spec.strip():
             raise DatasetError("empty dataset spec")
         path, spec_split = _split_spec(spec)

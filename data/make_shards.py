@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 if __package__ in (None, ""):  # `python data/make_shards.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from core.errors import UserError  # noqa: E402
 from data.worker_signals import ignore_stop_signals  # noqa: E402
 
 FORMAT = "tessera-wds/1"
@@ -66,7 +67,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 log = logging.getLogger(__name__)
 
 
-class ShardWriteError(RuntimeError):
+class ShardWriteError(UserError, RuntimeError):
     """Bad input or output location for the shard writer (the message names the path)."""
 
 

@@ -1,13 +1,14 @@
 """Supervised fine-tuning of an encoder: `accelerate launch finetune/classify.py [CONFIG.yaml] [key=value ...]`.
 
-The encoder (our encoder.safetensors, an official MAE .pth, timm:NAME + weights, or `random` for from-scratch) goes
-into a timm VisionTransformer with a class head (`model.global_pool=avg`: mean of patch tokens + fc_norm, as MAE
-fine-tuning), position embeddings interpolated when `data.img_size` differs. The MAE recipe: AdamW with layer-wise
-lr decay, warmup + cosine, drop path, timm Mixup/CutMix + SoftTargetCrossEntropy (label-smoothing CE when mixup is
-off), RandAugment and random erasing (`data.transforms.finetune_transform`), optional weight EMA (timm ModelEmaV3).
-config -> model -> loader -> step function -> the shared loop (`launch/loop.py`) -> export. Evaluation every
-`eval_every` steps and at the end over exactly the test split's images; writes eval.json,
-`classifier_{best,last}.safetensors` + classifier.json, metrics.jsonl and resumable checkpoints.
+The encoder (our encoder.safetensors or a run directory, an official MAE .pth, timm:NAME + weights, or `random` for
+from-scratch) goes into a timm VisionTransformer with a class head (`model.pool=avg`: mean of patch tokens + fc_norm,
+as MAE fine-tuning), position embeddings interpolated when `model.img_size` differs. The MAE recipe: AdamW with
+layer-wise lr decay, warmup + cosine, drop path, timm Mixup/CutMix + SoftTargetCrossEntropy (label-smoothing CE when
+mixup is off), RandAugment and random erasing (`data.transforms.finetune_transform`), optional weight EMA (timm
+ModelEmaV3). config -> model -> loader -> step function -> the shared loop (`launch/loop.py`) -> export; the run
+around it is `launch/session.py`'s, the evaluation path `finetune/evaluation.py`'s (every `run.eval_every` steps and
+at the end, over exactly the test split's images). Writes eval.json, `classifier_{best,last}.safetensors` +
+classifier.json, run.json, metrics.jsonl and resumable checkpoints.
 
 `arch=` may also name a hybrid ViT (a convolutional stem as the patch embedding, `models/hybrid.py`) or, for training
 from scratch (`encoder=random`), a timm CNN such as `timm:resnet18`. `distill.kind=hard|soft` trains a DeiT student
@@ -18,54 +19,45 @@ accuracy is printed before training; it is never checkpointed or exported with t
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn as nn
-from accelerate.utils import DistributedType, set_seed
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 
+from core.errors import ConfigError
 from data.device_erasing import DeviceRandomErasing, erasing_generator
-from data.device_input import device_batches
-from data.eval_stream import build_eval_loader
 from data.seeding import mix_seed
-from data.train_stream import build_train_loader
-from data.transforms import default_crop_pct, eval_transform, finetune_transform, uint8_output
-from finetune.classifier_io import save_classifier
+from data.transforms import finetune_transform
 from finetune.config import FinetuneConfig
 from finetune.distill import distillation_loss, load_teacher
-from finetune.encoder_source import resolve_encoder
-from finetune.evaluation import evaluate_model, write_eval_json
-from finetune.splits import check_same_classes, labelled_split, norm_stats, split_spec
-from launch.accel import build_accelerator, configure_deepspeed, input_dtype
+from finetune.downstream import Downstream, resolve_downstream
+from finetune.evaluation import ClassifierEval, evaluate_model
+from finetune.export import save_classifier
 from launch.checkpoint import model_fingerprint
-from launch.config import ConfigError, parse_cli
+from launch.config import parse_cli
 from launch.errors import cli
-from launch.loop import Hook, TrainLoop
+from launch.loop import TrainLoop
 from launch.param_groups import build_adamw, param_groups
-from launch.sections import resolve_batch
-from launch.session import open_session
+from launch.session import Runtime, Session, start_run
 from models.classifier import create_classifier, init_heads, load_encoder_into, timm_args
 from models.compile import compile_blocks, compile_enabled
+from models.flops import vit_flops_per_image
 
 PROG = "finetune/classify.py"
 
 
-def build_classifier(source, cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, dict, dict | None]:
+def build_classifier(ds: Downstream, cfg: FinetuneConfig) -> tuple[nn.Module, dict, dict | None]:
     """(timm classifier with the encoder's weights loaded, its encoder_cfg, the load report). With distillation on,
     a VisionTransformerDistilled in distilled-training mode (its forward returns the two heads' logits)."""
-    enc_cfg = dict(source.encoder_cfg)
-    if cfg.data.img_size:
-        enc_cfg["img_size"] = cfg.data.img_size
+    enc_cfg = dict(ds.source.encoder_cfg, img_size=ds.img_size)
     try:
-        model = create_classifier(enc_cfg, num_classes, global_pool=cfg.model.global_pool,
-                                  drop_path_rate=cfg.model.drop_path_rate, img_size=enc_cfg["img_size"],
+        model = create_classifier(enc_cfg, ds.num_classes, global_pool=cfg.model.pool,
+                                  drop_path_rate=cfg.model.drop_path_rate, img_size=ds.img_size,
                                   distilled=cfg.distill.active)
     except ValueError as exc:  # an architecture/option combination the models refuse, e.g. a distilled CNN
         raise ConfigError(str(exc)) from None
-    report = load_encoder_into(model, source.state_dict) if source.state_dict is not None else None
+    report = load_encoder_into(model, ds.source.state_dict) if ds.source.state_dict is not None else None
     with torch.no_grad():
         init_heads(model, cfg.model.head_init_std)
     if cfg.distill.active:
@@ -86,133 +78,56 @@ def build_criterion(cfg: FinetuneConfig, num_classes: int):
     return None, nn.CrossEntropyLoss()
 
 
-def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_cli(FinetuneConfig, argv, PROG)
-
-    # checks before anything is built or trained: labelled splits with one class count, an encoder that loads
-    train_info = labelled_split(cfg.data.path, cfg.data.train_split, cfg.num_classes)
-    test_info = labelled_split(cfg.data.path, cfg.data.test_split, cfg.num_classes)
-    num_classes = check_same_classes(train_info, test_info)
-    source = resolve_encoder(cfg.encoder, weights=cfg.encoder_weights, arch=cfg.arch, num_heads=cfg.num_heads,
-                             seed=cfg.run.seed)
-    mean, std = norm_stats(cfg.data.mean, cfg.data.std, train_info)
-    teacher, teacher_info = None, None
-    if cfg.distill.active:  # frozen and in eval mode; never prepared, registered, or attached to the student
-        d = cfg.distill
-        teacher, teacher_info = load_teacher(d.teacher, weights=d.teacher_weights, num_classes=num_classes,
-                                             class_names=train_info.class_names, student_mean=mean, student_std=std,
-                                             mean=d.teacher_mean, std=d.teacher_std)
-        teacher_info.update(kind=d.kind, tau=d.tau, alpha=d.alpha)
-
-    accelerator = build_accelerator(cfg.run, cfg.optim)
-    world, rank, device, accum = (accelerator.num_processes, accelerator.process_index, accelerator.device,
-                                  cfg.optim.grad_accum_steps)
-    micro, global_batch = resolve_batch(cfg.data.micro_batch, cfg.data.global_batch, world, accum)
-    configure_deepspeed(accelerator, micro, cfg.optim)
-    if cfg.aug.mixup_active and micro % 2:
-        raise ConfigError(f"mixup/cutmix need an even micro-batch; the batch config gives {micro} per process "
-                          f"(set aug.mixup=0 aug.cutmix=0 or change data.global_batch / data.micro_batch)")
-    set_seed(cfg.run.seed)
-    model, enc_cfg, report = build_classifier(source, cfg, num_classes)
-    img_size = enc_cfg["img_size"] if isinstance(enc_cfg["img_size"], int) else enc_cfg["img_size"][0]
-    crop_pct = cfg.data.crop_pct if cfg.data.crop_pct is not None else default_crop_pct(img_size)
-    if accelerator.is_main_process:
-        for note in source.notes:
-            print(f"[finetune] note: {note}")
-        if report is not None:
-            print(f"[finetune] encoder from {cfg.encoder}: {report}")
+def prepare(cfg: FinetuneConfig, rt: Runtime, ds: Downstream):
+    """The classifier, its optimizer (prepared), the weight EMA or None, the encoder_cfg and the shape fingerprint."""
+    model, enc_cfg, report = build_classifier(ds, cfg)
+    for note in ds.source.notes:
+        rt.say(f"[finetune] note: {note}")
+    if report is not None:
+        rt.say(f"[finetune] encoder from {cfg.encoder}: {report}")
     fingerprint = model_fingerprint(model)
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     optimizer = build_adamw(param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay), cfg.optim,
-                            deepspeed=deepspeed)
-    if compile_enabled(cfg.run.compile, device) and "cnn" not in enc_cfg:
+                            deepspeed=rt.deepspeed)
+    if compile_enabled(cfg.run.compile, rt.device) and "cnn" not in enc_cfg:
         compile_blocks(model)  # regional: each transformer block (a CNN has none)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.ema.decay, use_warmup=cfg.ema.warmup) \
+    model, optimizer = rt.accelerator.prepare(model, optimizer)
+    ema = ModelEmaV3(rt.accelerator.unwrap_model(model), decay=cfg.ema.decay, use_warmup=cfg.ema.warmup) \
         if cfg.ema.enabled else None
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
-    mixup_fn, criterion = build_criterion(cfg, num_classes)
-    if teacher is not None:  # DeepSpeed runs the student in bf16/fp16 without autocast: the teacher follows
-        teacher.to(device, input_dtype(accelerator) if deepspeed else None)
-    session = open_session(accelerator, cfg, fingerprint=fingerprint, name="finetune")
-    run_dir, best = session.run_dir, {"top1": float(session.state.get("best_top1", -1.0))}
+    return model, optimizer, ema, enc_cfg, fingerprint
 
-    dtype = input_dtype(accelerator)
-    # 8-bit RGB travels as uint8 and is normalised on the device, where random erasing then runs (timm's
-    # PrefetchLoader order), seeded by the micro-step so a resumed run erases the same boxes
-    output = uint8_output(train_info.meta, enc_cfg.get("in_chans", 3))
-    erase = DeviceRandomErasing(cfg.aug.reprob) if output == "uint8" and cfg.aug.reprob > 0 else None
-    micro_index = [session.start_step * accum]
-    pin = cfg.data.pin_memory if cfg.data.pin_memory is not None else device.type == "cuda"
-    train_tf = finetune_transform(img_size, mean, std, auto_augment=cfg.aug.auto_augment, reprob=cfg.aug.reprob,
-                                  output=output)
-    loader = build_train_loader(split_spec(cfg.data.path, cfg.data.train_split), batch_size=micro, transform=train_tf,
-                                seed=cfg.run.seed, rank=rank, world_size=world, num_workers=cfg.data.num_workers,
-                                shuffle_buffer=cfg.data.shuffle_buffer, pin_memory=pin)
-    if session.resumed:
-        loader.load_state_dict({**session.state.get("loader", {}), "batches": session.start_step * accum})
-    etf = eval_transform(img_size, mean, std, crop_pct, output=output)
 
-    def test_loader():
-        return build_eval_loader(split_spec(cfg.data.path, cfg.data.test_split), batch_size=cfg.data.eval_batch_size,
-                                 transform=etf, rank=rank, world_size=world, num_workers=cfg.data.num_workers)
+def build_teacher(cfg: FinetuneConfig, rt: Runtime, ds: Downstream):
+    """The frozen distillation teacher (never prepared, registered, or attached to the student) and its description;
+    its own test accuracy printed before training. (None, None) without distillation."""
+    if not cfg.distill.active:
+        return None, None
+    d = cfg.distill
+    teacher, info = load_teacher(d.teacher, weights=d.teacher_weights, num_classes=ds.num_classes,
+                                 class_names=ds.train.class_names, student_mean=ds.mean, student_std=ds.std,
+                                 mean=d.teacher_mean, std=d.teacher_std)
+    info.update(kind=d.kind, tau=d.tau, alpha=d.alpha)
+    teacher.to(rt.device, rt.dtype if rt.deepspeed else None)  # DeepSpeed runs the student in bf16 without autocast
+    batches, total = ds.eval_batches(rt, ds.test_spec, cfg.data.eval_batch, cfg.data.num_workers)
+    r = evaluate_model(teacher, batches, rt.accelerator, total=total, progress=cfg.run.progress, desc="teacher")
+    info.update(top1=r["top1"], top5=r["top5"], n_images=r["n_images"])
+    rt.say(f"[finetune] teacher {d.teacher} ({info['arch']}): top1 {r['top1']:.2f}  top5 {r['top5']:.2f}  on "
+           f"{r['n_images']} test images; {d.kind} distillation, tau {d.tau}, alpha {d.alpha}")
+    return teacher, info
 
-    def run_eval(desc: str = "eval") -> dict:
-        loader_ = test_loader()
-        result = {}
-        for name, net in (("model", model), ("ema", ema.module if ema is not None else None)):
-            if net is not None:
-                batches = device_batches(loader_, device, mean=mean, std=std, dtype=dtype)
-                result[name] = evaluate_model(net, batches, accelerator, total=len(loader_), progress=cfg.run.progress,
-                                              desc=desc + (" (ema)" if name == "ema" else ""))
-        out = dict(result["model"])
-        if "ema" in result:
-            out["ema"] = {k: result["ema"][k] for k in ("top1", "top5", "n_images")}
-        return out
 
-    if teacher is not None:  # the teacher's own accuracy, on the images it will see, before training starts
-        loader_ = test_loader()
-        t_eval = evaluate_model(teacher, device_batches(loader_, device, mean=mean, std=std, dtype=dtype),
-                                accelerator, total=len(loader_), progress=cfg.run.progress, desc="teacher")
-        teacher_info.update(top1=t_eval["top1"], top5=t_eval["top5"], n_images=t_eval["n_images"])
-        if accelerator.is_main_process:
-            print(f"[finetune] teacher {cfg.distill.teacher} ({teacher_info['arch']}): top1 {t_eval['top1']:.2f}  "
-                  f"top5 {t_eval['top5']:.2f}  on {t_eval['n_images']} test images; {cfg.distill.kind} "
-                  f"distillation, tau {cfg.distill.tau}, alpha {cfg.distill.alpha}", flush=True)
-
-    kind = "distilled" if cfg.distill.active else "cnn" if "cnn" in enc_cfg else "vit"
-    timm_name, timm_kwargs = timm_args(enc_cfg, num_classes, cfg.model.global_pool, distilled=cfg.distill.active)
-    meta = {"kind": kind, "encoder_cfg": enc_cfg, "num_classes": num_classes, "global_pool": cfg.model.global_pool,
-            "img_size": img_size, "mean": list(mean), "std": list(std), "crop_pct": crop_pct,
-            "class_names": train_info.class_names, "encoder": source.describe(),
-            "timm": {"name": timm_name, "kwargs": timm_kwargs}}
-    if teacher_info is not None:
-        meta["distill"] = teacher_info
-
-    def save_weights(name: str, step: int) -> None:
-        state = accelerator.get_state_dict(model)  # all ranks (ZeRO-3 gathers)
-        if accelerator.is_main_process:
-            save_classifier(state, run_dir / name, {**meta, "step": step})
-            if ema is not None:
-                save_classifier(ema.module.state_dict(), run_dir / name.replace("classifier_", "classifier_ema_"),
-                                {**meta, "step": step})
-
-    def evaluate_hook(step: int) -> dict | None:
-        if step >= cfg.run.steps:  # the final evaluation follows the loop
-            return None
-        r = run_eval()
-        if r["top1"] > best["top1"]:
-            best["top1"] = r["top1"]
-            save_weights("classifier_best.safetensors", step)
-        return {"test_top1": r["top1"], "test_top5": r["top5"], "test_loss": r["loss"]}
-
-    parts = torch.zeros(3, device=device)  # distillation: [sum of CLS-head losses, of distillation losses, count]
+def step_function(cfg: FinetuneConfig, rt: Runtime, model, ds: Downstream, teacher, start_step: int):
+    """(step_fn, log_extra or None): mixup/cutmix, random erasing on the device (seeded by the micro-step, so a
+    resumed run erases the same boxes), the loss; with a teacher, the distillation loss and its parts for the log."""
+    mixup_fn, criterion = build_criterion(cfg, ds.num_classes)
+    erase = DeviceRandomErasing(cfg.aug.reprob) if ds.output == "uint8" and cfg.aug.reprob > 0 else None
+    micro_index = [start_step * rt.accum]
+    parts = torch.zeros(3, device=rt.device)  # distillation: [sum of CLS-head losses, of distillation losses, count]
 
     def step_fn(batch: dict) -> torch.Tensor:
         images, targets = batch["image"], batch["label"]
         if erase is not None:
-            images = erase(images, erasing_generator(device, mix_seed(cfg.run.seed, "erase", rank, micro_index[0])))
+            images = erase(images, erasing_generator(rt.device, mix_seed(cfg.run.seed, "erase", rt.rank,
+                                                                         micro_index[0])))
             micro_index[0] += 1
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
@@ -227,54 +142,70 @@ def main(argv: list[str] | None = None) -> dict:
         return loss
 
     def log_parts(step: int) -> dict:  # at log steps only (the loop's log_extra): the host may read the device
-        total = accelerator.reduce(parts, reduction="sum") if world > 1 else parts
+        total = rt.accelerator.reduce(parts, reduction="sum") if rt.world > 1 else parts
         base_sum, dist_sum, n = total.tolist()
         parts.zero_()
         return {"loss_cls": base_sum / n, "loss_distill": dist_sum / n} if n else {}
 
-    def save(step: int, loop_state: dict):
-        return session.ckpt.save(step, {**loop_state, "best_top1": best["top1"], "config": session.config,
-                                        "fingerprint": fingerprint,
-                                        "loader": {**loader.state_dict(), "batches": step * accum}})
+    return step_fn, (log_parts if teacher is not None else None)
 
-    loop = TrainLoop(
-        accelerator=accelerator, model=model, optimizer=optimizer, step_fn=step_fn,
-        batches=device_batches(loader, device, mean=mean, std=std, dtype=dtype, pin_memory=pin,
-                               prefetch=cfg.data.prefetch),
-        run=cfg.run, optim=cfg.optim, peak_lr=cfg.optim.peak_lr(global_batch), global_batch=global_batch,
-        metrics=session.metrics, save=save, hooks=[Hook(cfg.eval_every, evaluate_hook)],
-        log_extra=log_parts if teacher is not None else None,
-        after_update=(lambda step: ema.update(accelerator.unwrap_model(model), step=step)) if ema else None,
-        desc="finetune")
-    done = loop.fit(session.start_step, session.state)
-    if done.stopped_by:
-        return session.stopped("finetune", done, accelerator.is_main_process)
 
-    result = run_eval()
-    session.metrics.log(done.step, {"test_top1": result["top1"], "test_top5": result["top5"],
-                                    "test_loss": result["loss"]})
-    save_weights("classifier_last.safetensors", done.step)
-    if result["top1"] > best["top1"] or not (run_dir / "classifier_best.safetensors").exists():
-        best["top1"] = max(best["top1"], result["top1"])
-        save_weights("classifier_best.safetensors", done.step)
-    summary = {"top1": result["top1"], "top5": result["top5"], "n_images": result["n_images"],
-               "n_corrupt": result["n_corrupt"], "loss": result["loss"],
-               "best_top1": best["top1"], "task": "finetune", "global_pool": cfg.model.global_pool,
-               "steps": done.step, "global_batch": global_batch, "peak_lr": cfg.optim.peak_lr(global_batch),
-               "encoder": source.describe(), "data": f"{cfg.data.path}:{cfg.data.test_split}",
-               "num_classes": num_classes, "world_size": world}
-    if "ema" in result:
-        summary["ema"] = result["ema"]
-    summary["arch"] = enc_cfg.get("cnn") or enc_cfg.get("hybrid") or cfg.arch
-    if teacher_info is not None:
-        summary["distill"] = teacher_info
-    write_eval_json(run_dir / "eval.json", summary, accelerator)
-    if accelerator.is_main_process:
-        print(f"[finetune] {done.step} steps: top1 {result['top1']:.2f}  top5 {result['top5']:.2f}  on "
-              f"{result['n_images']} images (best {best['top1']:.2f}) -> {Path(run_dir) / 'eval.json'}")
-    accelerator.wait_for_everyone()
-    session.close()
-    return summary
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_cli(FinetuneConfig, argv, PROG)
+    ds = resolve_downstream(cfg)  # splits, encoder weights, normalisation: checked before anything is built
+    rt = start_run(cfg.run, cfg.optim, micro=cfg.data.micro_batch, global_=cfg.data.global_batch)
+    if cfg.aug.mixup_active and rt.micro_batch % 2:
+        raise ConfigError(f"mixup/cutmix need an even micro-batch; the batch config gives {rt.micro_batch} per "
+                          f"process (set aug.mixup=0 aug.cutmix=0 or change data.global_batch / data.micro_batch)")
+    model, optimizer, ema, enc_cfg, fingerprint = prepare(cfg, rt, ds)
+    teacher, teacher_info = build_teacher(cfg, rt, ds)
+    peak_lr = cfg.optim.peak_lr(rt.global_batch)
+    plain_vit = "cnn" not in enc_cfg and "hybrid" not in enc_cfg
+    flops = 3 * vit_flops_per_image(enc_cfg) if plain_vit else None  # forward + backward; stems are not counted
+    record = {"peak_lr": peak_lr, "flops_per_image": flops, "data": ds.train_spec}
+    with Session(rt, cfg, name="finetune", fingerprint=fingerprint, record=record) as session:
+        if ema is not None:
+            session.register("ema", ema)
+        tf = finetune_transform(ds.img_size, ds.mean, ds.std, auto_augment=cfg.aug.auto_augment,
+                                reprob=cfg.aug.reprob, output=ds.output)
+        batches = ds.train_batches(rt, session, cfg.data, tf, cfg.run.seed)
+        kind = "distilled" if cfg.distill.active else "cnn" if "cnn" in enc_cfg else "vit"
+        timm_name, timm_kwargs = timm_args(enc_cfg, ds.num_classes, cfg.model.pool, distilled=cfg.distill.active)
+        meta = {**ds.meta(kind, enc_cfg, cfg.model.pool), "timm": {"name": timm_name, "kwargs": timm_kwargs},
+                **({"distill": teacher_info} if teacher_info else {})}
+
+        def evaluate() -> dict:
+            out = {}
+            for name, net in (("model", model), ("ema", ema.module if ema is not None else None)):
+                if net is not None:
+                    eval_iter, total = ds.eval_batches(rt, ds.test_spec, cfg.data.eval_batch, cfg.data.num_workers)
+                    out[name] = evaluate_model(net, eval_iter, rt.accelerator, total=total, progress=cfg.run.progress,
+                                               desc="eval" + (" (ema)" if name == "ema" else ""))
+            if "ema" in out:
+                out["model"]["ema"] = {k: out["ema"][k] for k in ("top1", "top5", "n_images")}
+            return out["model"]
+
+        def save_weights(name: str, step: int) -> None:
+            state = rt.accelerator.get_state_dict(model)  # all ranks (ZeRO-3 gathers)
+            if rt.is_main:
+                save_classifier(state, session.run_dir / name, {**meta, "step": step})
+                if ema is not None:
+                    save_classifier(ema.module.state_dict(), session.run_dir / name.replace("classifier_",
+                                                                                              "classifier_ema_"),
+                                    {**meta, "step": step})
+
+        evaluation = ClassifierEval(session, evaluate, save_weights, "finetune")
+        step_fn, log_extra = step_function(cfg, rt, model, ds, teacher, session.begin())
+        after = (lambda step: ema.update(rt.accelerator.unwrap_model(model), step=step)) if ema else None
+        done = TrainLoop(session, model, optimizer, step_fn, batches, peak_lr, hooks=[evaluation.hook()],
+                         log_extra=log_extra, after_update=after, desc="finetune", flops_per_image=flops).fit()
+        if done.stopped_by:
+            return session.stopped(done)
+        return evaluation.finish(done.step, {
+            "task": "finetune", "pool": cfg.model.pool, "global_batch": rt.global_batch, "peak_lr": peak_lr,
+            "encoder": ds.source.describe(), "data": ds.test_spec, "num_classes": ds.num_classes,
+            "world_size": rt.world, "arch": enc_cfg.get("cnn") or enc_cfg.get("hybrid") or cfg.arch,
+            **({"distill": teacher_info} if teacher_info else {})})
 
 
 if __name__ == "__main__":

@@ -10,34 +10,54 @@ from dataclasses import dataclass
 from typing import Literal
 
 from launch.config import opt, section
-from launch.sections import GLOBAL_HELP, MICRO_HELP, OptimConfig, RunConfig, check_batch_keys
+from launch.sections import (
+    EVAL_BATCH_HELP,
+    GLOBAL_HELP,
+    MICRO_HELP,
+    NORM_HELP,
+    POOL_HELP,
+    PREFETCH_HELP,
+    TEST_HELP,
+    TRAIN_HELP,
+    OptimConfig,
+    RunConfig,
+    check_batch_keys,
+)
 
 DEFAULT_ENCODER = "runs/pretrain/encoder.safetensors"
+IMG_SIZE_HELP = "input resolution (None: the encoder's own; another size interpolates pos_embed)"
+CROP_PCT_HELP = "evaluation centre-crop fraction (None: 1.0 up to 64 px, else 0.875)"
+# the keys the downstream entry points renamed in round 3 (one key per concept across entry points)
+DOWNSTREAM_RENAMED = {
+    "data.path": "data.train=FOLDER:SPLIT and data.test=FOLDER:SPLIT",
+    "data.train_split": "data.train=FOLDER:SPLIT", "data.test_split": "data.test=FOLDER:SPLIT",
+    "data.img_size": "model.img_size", "data.eval_batch_size": "data.eval_batch",
+}
 
 
 @dataclass
 class DataSection:
-    path: str = opt("data/sample", "dataset directory holding dataset.json (or a brace pattern / URL list)")
-    train_split: str = opt("train", "split used for training")
-    test_split: str = opt("test", "split evaluated (every image exactly once)")
+    train: str = opt("data/sample", TRAIN_HELP)
+    test: str | None = opt(None, TEST_HELP + "; None: the val split next to data.train, else its test split")
     global_batch: int | None = opt(256, GLOBAL_HELP)
     micro_batch: int | None = opt(None, MICRO_HELP)
-    eval_batch_size: int = opt(256, "per-rank batch size of evaluation and feature extraction")
+    eval_batch: int = opt(256, EVAL_BATCH_HELP)
     num_workers: int = opt(2, "data-loader worker processes per rank")
-    img_size: int | None = opt(None, "input resolution (None: the encoder's own; another size interpolates pos_embed)")
-    mean: tuple[float, ...] | None = opt(None, "normalisation mean (None: dataset.json's, else ImageNet's)")
-    std: tuple[float, ...] | None = opt(None, "normalisation std (None: dataset.json's, else ImageNet's)")
-    crop_pct: float | None = opt(None, "evaluation centre-crop fraction (None: 1.0 up to 64 px, else 0.875)")
+    mean: tuple[float, ...] | None = opt(None, NORM_HELP.format("mean"))
+    std: tuple[float, ...] | None = opt(None, NORM_HELP.format("std"))
+    crop_pct: float | None = opt(None, CROP_PCT_HELP)
     shuffle_buffer: int = opt(2000, "training stream shuffle buffer (samples per worker)")
     pin_memory: bool | None = opt(None, "pinned host memory for the batches; None: on with CUDA")
-    prefetch: int = opt(1, "batches copied to the device ahead of the step (a side stream on CUDA)")
+    prefetch: int = opt(1, PREFETCH_HELP)
+    loader: Literal["stream", "synthetic"] = opt("stream", "stream: WebDataset shards through loader workers; "
+                                                 "synthetic: random uint8 images of the configured shape, no I/O")
 
     EXCLUSIVE = (("micro_batch", "global_batch"),)
 
     def __post_init__(self) -> None:
         check_batch_keys(self.micro_batch, self.global_batch)
-        if self.eval_batch_size < 1:
-            raise ValueError("eval_batch_size must be >= 1")
+        if self.eval_batch < 1:
+            raise ValueError("eval_batch must be >= 1")
         if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
             raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
         if self.num_workers < 0:
@@ -49,22 +69,23 @@ class ProbeSection:
     cached: bool = opt(True, "extract features once (eval transform) and train the head on the cache; false: RRC+flip "
                              "through the streaming loader and an encoder forward every step (the recipe)")
     rebuild_cache: bool = opt(False, "re-extract features even when the cache key matches")
-    momentum: float = opt(0.9, "LARS momentum")
-    trust_coeff: float = opt(1e-3, "LARS trust coefficient (adaptation on weights only, not biases, as MoCo v3/MAE)")
-    eval_every: int = opt(0, "evaluate every N steps (0: only at the end)")
 
-    def __post_init__(self) -> None:
-        if self.eval_every < 0:
-            raise ValueError("eval_every must be >= 0")
+
+@dataclass
+class ProbeModelSection:
+    pool: Literal["token", "avg"] = opt("token", POOL_HELP)
+    img_size: int | None = opt(None, IMG_SIZE_HELP)
 
 
 @dataclass
 class LinprobeConfig:
     run: RunConfig = section(RunConfig, "how the run runs", output_dir="runs/linprobe", steps=500, log_every=50,
                              save_every=0)
-    # the MAE linear probe: LARS, blr 0.1, no weight decay, warmup + cosine (betas/eps/layer_decay unused)
-    optim: OptimConfig = section(OptimConfig, "LARS optimisation", blr=0.1, weight_decay=0.0, warmup_steps=10)
+    # the MAE linear probe: LARS, blr 0.1, no weight decay, warmup + cosine
+    optim: OptimConfig = section(OptimConfig, "LARS optimisation", name="lars", blr=0.1, weight_decay=0.0,
+                                 warmup_steps=10)
     data: DataSection = section(DataSection, "dataset")
+    model: ProbeModelSection = section(ProbeModelSection, "the probed feature")
     probe: ProbeSection = section(ProbeSection, "probe options")
     encoder: str = opt(DEFAULT_ENCODER, "encoder.safetensors | official MAE .pth | timm:NAME (+encoder_weights) | "
                                         "random")
@@ -73,16 +94,30 @@ class LinprobeConfig:
                                  "(needed by encoder=random unless a default is fine)")
     num_heads: int | None = opt(None, "attention heads when neither the checkpoint nor arch says (default dim/64)")
     num_classes: int | None = opt(None, "classes (None: from dataset.json; a different number is an error)")
-    pool: Literal["token", "avg"] = opt("token", "feature: the CLS token after the final norm, or avg of patch tokens")
+
+    RENAMED = {**DOWNSTREAM_RENAMED, "pool": "model.pool", "probe.eval_every": "run.eval_every",
+               "probe.momentum": "optim.momentum", "probe.trust_coeff": "optim.trust_coeff"}
 
     def __post_init__(self) -> None:
         if self.num_classes is not None and self.num_classes < 1:
             raise ValueError("num_classes must be >= 1")
+        if self.optim.name != "lars":
+            raise ValueError(f"optim.name={self.optim.name}: the linear probe trains with LARS (optim.name=lars)")
+
+    def inapplicable(self) -> dict[str, str]:
+        out = {}
+        if self.probe.cached:
+            out.update({f"data.{k}": "probe.cached=true trains on cached features (no training stream)"
+                        for k in ("shuffle_buffer", "pin_memory", "prefetch", "loader")})
+        else:
+            out["probe.rebuild_cache"] = "probe.cached=false uses no feature cache"
+        return out
 
 
 @dataclass
 class ModelSection:
-    global_pool: Literal["token", "avg"] = opt("token", "CLS head, or mean of patch tokens + fc_norm (MAE fine-tuning)")
+    pool: Literal["token", "avg"] = opt("token", "CLS head, or mean of patch tokens + fc_norm (avg, MAE fine-tuning)")
+    img_size: int | None = opt(None, IMG_SIZE_HELP)
     drop_path_rate: float = opt(0.1, "stochastic depth rate")
     head_init_std: float = opt(2e-5, "head weight trunc-normal std (MAE: 2e-5)")
 
@@ -166,7 +201,7 @@ class DistillSection:
 @dataclass
 class FinetuneConfig:
     run: RunConfig = section(RunConfig, "how the run runs", output_dir="runs/finetune", steps=300, log_every=20,
-                             save_every=100)
+                             save_every=100, eval_every=100)
     # the MAE fine-tuning recipe: AdamW (0.9, 0.999), wd 0.05, layer decay 0.75, warmup + cosine to 1e-6
     optim: OptimConfig = section(OptimConfig, "AdamW optimisation with layer-wise lr decay", blr=5e-4, min_lr=1e-6,
                                  warmup_steps=20, betas=(0.9, 0.999), layer_decay=0.75)
@@ -183,32 +218,58 @@ class FinetuneConfig:
                                  "timm:NAME (a ViT; a CNN such as timm:resnet18 with encoder=random)")
     num_heads: int | None = opt(None, "attention heads when neither the checkpoint nor arch says (default dim/64)")
     num_classes: int | None = opt(None, "classes (None: from dataset.json; a different number is an error)")
-    eval_every: int = opt(100, "evaluate every N steps (0: only at the end); the best top-1 is kept")
+
+    RENAMED = {**DOWNSTREAM_RENAMED, "eval_every": "run.eval_every", "model.global_pool": "model.pool"}
 
     def __post_init__(self) -> None:
         if self.num_classes is not None and self.num_classes < 1:
             raise ValueError("num_classes must be >= 1")
-        if self.eval_every < 0:
-            raise ValueError("eval_every must be >= 0")
-        if self.distill.active and self.model.global_pool != "token":
-            raise ValueError("distillation reads the CLS and distillation tokens: set model.global_pool=token")
+        if self.distill.active and self.model.pool != "token":
+            raise ValueError("distillation reads the CLS and distillation tokens: set model.pool=token")
+        if self.optim.name != "adamw":
+            raise ValueError(f"optim.name={self.optim.name}: fine-tuning trains with AdamW (optim.name=adamw)")
+
+    def inapplicable(self) -> dict[str, str]:
+        out = {}
+        if not self.ema.enabled:
+            out.update({f"ema.{k}": "ema.enabled=false" for k in ("decay", "warmup")})
+        if not self.distill.active:
+            out.update({f"distill.{k}": "distill.kind=none" for k in ("teacher_mean", "teacher_std", "tau", "alpha")})
+        if not self.aug.mixup_active:
+            out.update({f"aug.{k}": "mixup and cutmix are off (aug.mixup=0 aug.cutmix=0)"
+                        for k in ("mixup_prob", "mixup_switch_prob", "mixup_mode")})
+        return out
+
+
+@dataclass
+class EvalDataSection:
+    test: str = opt("data/sample:test", TEST_HELP)
+    eval_batch: int = opt(256, EVAL_BATCH_HELP)
+    num_workers: int = opt(2, "data-loader workers per rank")
+
+    def __post_init__(self) -> None:
+        if self.eval_batch < 1 or self.num_workers < 0:
+            raise ValueError("eval_batch must be >= 1 and num_workers >= 0")
+
+
+@dataclass
+class EvalRunSection:
+    precision: Literal["auto", "no", "bf16", "fp16"] = opt("auto", "mixed precision; auto = bf16 on GPU, fp32 on CPU")
+    progress: bool = opt(True, "show a progress bar")
 
 
 @dataclass
 class EvaluateConfig:
     checkpoint: str = opt("runs/finetune/classifier_best.safetensors",
                           "saved classifier (.safetensors beside its classifier.json) or its run directory")
-    data: str = opt("data/sample:test", "split to evaluate: DIR:SPLIT (or a pattern/URLs)")
-    batch_size: int = opt(256, "per-rank batch size")
-    num_workers: int = opt(2, "data-loader workers per rank")
+    data: EvalDataSection = section(EvalDataSection, "the evaluated split")
+    run: EvalRunSection = section(EvalRunSection, "precision and progress")
     output: str | None = opt(None, "where to write the JSON (None: eval-<checkpoint name>-<split>.json beside it)")
-    precision: Literal["auto", "no", "bf16", "fp16"] = opt("auto", "mixed precision; auto = bf16 on GPU, fp32 on CPU")
-    progress: bool = opt(True, "show a progress bar")
 
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
+    RENAMED = {"batch_size": "data.eval_batch", "num_workers": "data.num_workers", "precision": "run.precision",
+               "progress": "run.progress", "data": "data.test=FOLDER:SPLIT"}
 
 
-__all__ = ["DataSection", "ProbeSection", "LinprobeConfig", "ModelSection", "AugSection", "EmaSection",
-           "DistillSection", "FinetuneConfig", "EvaluateConfig", "DEFAULT_ENCODER"]
+__all__ = ["DataSection", "ProbeSection", "ProbeModelSection", "LinprobeConfig", "ModelSection", "AugSection",
+           "EmaSection", "DistillSection", "FinetuneConfig", "EvalDataSection", "EvalRunSection", "EvaluateConfig",
+           "DEFAULT_ENCODER"]

@@ -13,7 +13,7 @@ Loss (DeiT, Touvron et al. 2021), float32, per micro-batch of N images and C cla
   DeiT code sums over the batch and classes and divides by N * C, so its value is this one divided by C).
 * total: (1 - alpha) * CLS loss + alpha * distillation loss.
 
-The teacher (`Teacher`) wraps a Tessera classifier (`classifier_io.load_classifier`) or a timm model built from a
+The teacher (`Teacher`) wraps a Tessera classifier (read by `launch/weights.py`) or a timm model built from a
 name and a local weights file (`timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))`).
 It is frozen (no parameter requires grad), always in eval mode, runs under the step's autocast, maps the student's
 normalised input to its own normalisation (an affine map fixed when it is built) and, when it was trained at another
@@ -30,13 +30,12 @@ needs the student's timm `pretrained_cfg`, which a student built from an MAE enc
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from launch.config import ConfigError
+from core.errors import ConfigError
+from launch.weights import classifier_model, read_weights, timm_classifier
 
 KINDS = ("hard", "soft")
 
@@ -88,42 +87,18 @@ class Teacher(nn.Module):
         return self.model(x)
 
 
-def _timm_teacher(name: str, weights: str | None, num_classes: int) -> tuple[nn.Module, dict, int | None]:
-    import timm
-
-    import models.hybrid  # noqa: F401  (registers the conv-stem hybrids as timm models)
-
-    if not weights:
-        raise ConfigError(f"distill.teacher=timm:{name} needs distill.teacher_weights=/path/to/weights")
-    path = Path(weights)
-    if not path.is_file():
-        raise ConfigError(f"distill.teacher_weights not found: {path}")
-    if name not in timm.list_models():
-        raise ConfigError(f"distill.teacher=timm:{name}: timm has no model of that name")
-    try:
-        # num_classes in the overlay too: else timm drops the file's head as belonging to another class count
-        model = timm.create_model(name, pretrained=True, num_classes=num_classes,
-                                  pretrained_cfg_overlay=dict(file=str(path), num_classes=num_classes))
-    except (RuntimeError, ValueError, KeyError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"cannot load teacher timm:{name} from {path} with {num_classes} classes: {first}") from None
-    cfg = dict(model.pretrained_cfg)
-    pe = getattr(model, "patch_embed", None)
-    fixed = int(pe.img_size[0]) if pe is not None and getattr(pe, "strict_img_size", False) else None
-    return model, cfg, fixed
-
-
 def load_teacher(spec: str, *, weights: str | None, num_classes: int, class_names: list[str] | None,
                  student_mean, student_std, mean=None, std=None) -> tuple[Teacher, dict]:
     """(frozen Teacher in eval mode, description) from `distill.teacher=` (see module docstring)."""
     if spec.startswith("timm:"):
-        model, cfg, size = _timm_teacher(spec[len("timm:"):], weights, num_classes)
+        model, cfg = timm_classifier(spec[len("timm:"):], weights, num_classes, "distill.teacher")
+        pe = getattr(model, "patch_embed", None)
+        size = int(pe.img_size[0]) if pe is not None and getattr(pe, "strict_img_size", False) else None
         t_mean, t_std = (mean, std) if mean is not None else (cfg.get("mean"), cfg.get("std"))
         info = {"teacher": spec, "weights": str(weights), "arch": spec, "mean": list(t_mean), "std": list(t_std)}
     else:
-        from finetune.classifier_io import load_classifier
-
-        model, meta = load_classifier(spec)
+        w = read_weights(spec, want="classifier")
+        model, meta = classifier_model(w), w.meta
         if int(meta["num_classes"]) != num_classes:
             raise ConfigError(f"teacher {spec} has {meta['num_classes']} classes, the data {num_classes}")
         if class_names and meta.get("class_names") and list(meta["class_names"]) != list(class_names):

@@ -3,6 +3,8 @@
 The eval loader pads ranks to equal batch counts and marks real samples with `valid`; only those are counted and the
 hits are summed across ranks, so `n_images` equals the split size whatever the number of processes.
 `evaluate_model` runs one pass; `write_eval_json` writes the result on the main process, atomically.
+`ClassifierEval` is the one evaluation path of the classification-style runs (fine-tuning and probing): during the
+run, at the end, the best top-1 and its weights, eval.json and the run record's final metrics.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from launch.config import ConfigError
+from core.errors import ConfigError
+from launch import run_files
+from launch.loop import Hook
 from launch.metrics import json_safe
 
 
@@ -97,5 +101,50 @@ def write_eval_json(path: str | Path, result: dict, accelerator=None) -> None:
     os.replace(tmp, path)
 
 
+class ClassifierEval:
+    """Every `run.eval_every` steps: `evaluate()` on the test split, logged as test_top1/test_top5/test_loss; a new
+    best top-1 (kept across restarts by the session) saves `classifier_best.safetensors` through `save_weights(name,
+    step)`. `finish(step, summary)`: the final evaluation, `classifier_last` (and `classifier_best` when none is
+    better), eval.json with the summary, one line, and the session's end."""
 
-__all__ = ["topk_correct", "AccuracyMeter", "evaluate_model", "write_eval_json"]
+    def __init__(self, session, evaluate, save_weights, name: str):
+        self.session, self.evaluate, self.save_weights, self.name = session, evaluate, save_weights, name
+        session.keep("best_top1", -1.0)
+
+    @property
+    def best(self) -> float:
+        return float(self.session.values["best_top1"])
+
+    def hook(self) -> Hook:
+        return Hook(self.session.cfg.run.eval_every, self._during)
+
+    def _during(self, step: int) -> dict | None:
+        if step >= self.session.cfg.run.steps:  # the final evaluation follows the loop
+            return None
+        r = self.evaluate()
+        if r["top1"] > self.best:
+            self.session.values["best_top1"] = r["top1"]
+            self.save_weights(run_files.CLASSIFIER_BEST, step)
+        return {"test_top1": r["top1"], "test_top5": r["top5"], "test_loss": r["loss"]}
+
+    def finish(self, step: int, summary: dict) -> dict:
+        session = self.session
+        r = self.evaluate()
+        session.log(step, {"test_top1": r["top1"], "test_top5": r["top5"], "test_loss": r["loss"]})
+        self.save_weights(run_files.CLASSIFIER_LAST, step)
+        if r["top1"] > self.best or not (session.run_dir / run_files.CLASSIFIER_BEST).exists():
+            session.values["best_top1"] = max(self.best, r["top1"])
+            self.save_weights(run_files.CLASSIFIER_BEST, step)
+        out = {"top1": r["top1"], "top5": r["top5"], "n_images": r["n_images"], "n_corrupt": r["n_corrupt"],
+               "loss": r["loss"], "best_top1": self.best, "steps": step, **summary}
+        if "ema" in r:
+            out["ema"] = r["ema"]
+        write_eval_json(session.run_dir / run_files.EVAL, out, session.rt.accelerator)
+        session.rt.say(f"[{self.name}] {step} steps: top1 {r['top1']:.2f}  top5 {r['top5']:.2f}  on {r['n_images']} "
+                       f"images (best {self.best:.2f}) -> {session.run_dir / run_files.EVAL}")
+        session.rt.accelerator.wait_for_everyone()
+        session.finish(step, {k: out[k] for k in ("top1", "top5", "n_images", "loss", "best_top1")})
+        return out
+
+
+__all__ = ["topk_correct", "AccuracyMeter", "evaluate_model", "write_eval_json", "ClassifierEval"]

@@ -1,10 +1,9 @@
-"""Frozen-encoder features: pooling, exact-once extraction over a split (both in `launch/features.py`, shared with the
-pretraining k-NN monitor, re-exported here), and the on-disk feature cache.
+"""The linear probe's on-disk feature cache (extraction itself: `launch/features.py`, shared with the k-NN monitor).
 
-Extraction runs the eval loader (every image once across ranks, `valid` mask), keeps the valid rows, and gathers
-them from all ranks (`pad_across_processes` + `gather`, trimmed to each rank's count), so every rank ends with the
-whole split's features. The cache (`RUN_DIR/features/<split>.pt`) stores a key made of the encoder identity (file
-hash), the dataset (shard names, sizes, mtimes) and the transform; a different key means a stale cache: rebuilt.
+The cache (`RUN_DIR/features/<name>.safetensors`: features and labels, with its key in the metadata) is written by
+the main process and read back without running code (safetensors). The key is made of the encoder identity (file
+hash), the dataset (shard names, sizes, mtimes) and the transform; a different key means a stale cache: rebuilt. An
+unreadable file is rebuilt too.
 """
 
 from __future__ import annotations
@@ -14,8 +13,10 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
-from launch.features import encode, extract_features, gather_rows, pool_tokens  # re-exported: defined in launch/
+from launch.run_files import FEATURES
 
 
 def dataset_fingerprint(urls: list[str]) -> list:
@@ -37,34 +38,37 @@ def cache_key(*, encoder_identity: str, urls: list[str], transform, pool: str, e
 
 
 class FeatureCache:
-    """`RUN_DIR/features/<split>.pt` = {"key", "features" [N, D], "labels" [N]}; written atomically by rank 0."""
+    """`RUN_DIR/features/<name>.safetensors` = features [N, D] and labels [N], the key in the metadata; written
+    atomically by the main process."""
 
     def __init__(self, run_dir: str | Path) -> None:
-        self.dir = Path(run_dir) / "features"
+        self.dir = Path(run_dir) / FEATURES
 
-    def path(self, split: str) -> Path:
-        return self.dir / f"{split}.pt"
+    def path(self, name: str) -> Path:
+        return self.dir / f"{name}.safetensors"
 
-    def load(self, split: str, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        p = self.path(split)
+    def load(self, name: str, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        p = self.path(name)
         if not p.is_file():
             return None
         try:
-            blob = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception:  # unreadable cache: rebuild rather than fail
-            return None
-        if blob.get("key") != key:
+            from safetensors import safe_open
+
+            with safe_open(str(p), framework="pt") as f:
+                if (f.metadata() or {}).get("key") != key:
+                    return None
+            blob = load_file(str(p))
+        except (SafetensorError, OSError, ValueError):  # unreadable cache: rebuild rather than fail
             return None
         return blob["features"], blob["labels"]
 
-    def save(self, split: str, key: str, features: torch.Tensor, labels: torch.Tensor) -> Path:
+    def save(self, name: str, key: str, features: torch.Tensor, labels: torch.Tensor) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
-        p = self.path(split)
-        tmp = p.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"key": key, "features": features.contiguous(), "labels": labels.contiguous()}, tmp)
+        p = self.path(name)
+        tmp = p.with_name(p.name + f".tmp{os.getpid()}")
+        save_file({"features": features.contiguous(), "labels": labels.contiguous()}, str(tmp), metadata={"key": key})
         os.replace(tmp, p)
         return p
 
 
-__all__ = ["pool_tokens", "encode", "gather_rows", "extract_features", "dataset_fingerprint", "cache_key",
-           "FeatureCache"]
+__all__ = ["dataset_fingerprint", "cache_key", "FeatureCache"]

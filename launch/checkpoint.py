@@ -1,8 +1,10 @@
 """Resumable checkpoints: atomic, named by optimizer step, the last K kept; plus the full-precision weight export.
 
 Layout: `RUN_DIR/checkpoints/step_000100/` holds what `accelerator.save_state` writes (model, optimizer, GradScaler,
-RNG states of every rank; DeepSpeed's partitioned states under DeepSpeed) and `tessera_state.json` (our extra
-state: step, data position, counters, resolved config, model-shape fingerprint, world size).
+RNG states of every rank; DeepSpeed's partitioned states under DeepSpeed), `tessera_registered.safetensors` (the
+tensors of the state the run registered with its session: an EMA, data2vec's teacher) and `tessera_state.json` (our
+extra state: step, data position, counters, resolved config, model-shape fingerprint, world size, and the non-tensor
+part of the registered state). Nothing goes through Accelerate's `register_for_checkpointing`, which pickles.
 
 Atomicity: every rank writes into `checkpoints/.tmp-step_000100/`; after a barrier the main process adds the JSON
 (last, so a directory without it is incomplete) and renames the directory to `step_000100`. A kill at any moment
@@ -20,9 +22,9 @@ Failures are named, not tracebacks:
   zip directory of every torch.save file, the state JSON): a truncated or corrupt one gives one warning naming it, is
   renamed `step_NNNNNN.corrupt` and the previous complete checkpoint is used; a checkpoint that still fails to load
   raises `CheckpointUnreadable` naming it and the way out;
-* a `random_states_<rank>.pkl` that safe (weights-only) unpickling refuses, e.g. because it carries code, is not
-  loaded (Accelerate skips it with an info-level log line only); a loud warning says the RNG streams restart and
-  the resume is no longer exact, and the returned state has `rng_restored: False`.
+* before anything is loaded, every pickle-based file of the chosen checkpoint (what Accelerate and DeepSpeed write
+  with torch.save) is read with torch's weights-only unpickler (`launch/safe_load.py`): a file that would run code
+  when loaded, or that is no torch.save file at all, refuses the resume (`CheckpointUnsafe`, naming the file).
 """
 
 from __future__ import annotations
@@ -43,10 +45,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast_object_list
 
-from launch.errors import UserError
+from core.errors import UserError
 
 STATE_FILE = "tessera_state.json"
-RNG_FILE = "random_states_{}.pkl"  # what accelerator.save_state writes per process (accelerate's RNG_STATE_NAME)
+REGISTERED_FILE = "tessera_registered.safetensors"  # tensors of the state registered with the session
 CORRUPT_SUFFIX = ".corrupt"
 REPLACED_PREFIX = "replaced-"  # RUN_DIR/replaced-<UTC time>/: what a new run moved out of its way
 _NAME = re.compile(r"^step_(\d+)$")
@@ -56,7 +58,7 @@ _WRITE_FAILED = ("unexpected pos", "file write failed", "No space left", "os err
 LOW_SPACE_BYTES = 64 * 2**20  # after a failed write, less free space than this means the disk filled up
 
 
-class ResumeMismatch(RuntimeError):
+class ResumeMismatch(UserError):
     """The checkpoint cannot be resumed with the current config (model shape or DeepSpeed world size changed)."""
 
 
@@ -66,6 +68,10 @@ class CheckpointWriteError(UserError):
 
 class CheckpointUnreadable(UserError):
     """The checkpoint chosen for resuming cannot be loaded; the message names it and the way out."""
+
+
+class CheckpointUnsafe(UserError):
+    """A file of the checkpoint chosen for resuming would run code when loaded; the message names it."""
 
 
 def warn(message: str) -> None:
@@ -252,8 +258,9 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------------------------------ save
 
-    def save(self, step: int, state: dict[str, Any]) -> Path:
-        """Save model/optimizer/scaler/RNG (via Accelerate) and `state` as `checkpoints/step_<step>`, atomically."""
+    def save(self, step: int, state: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> Path:
+        """Save model/optimizer/scaler/RNG (via Accelerate), `tensors` (the main process's, as safetensors) and
+        `state` (JSON) as `checkpoints/step_<step>`, atomically."""
         acc = self.accelerator
         final = self.path_for(step)
         tmp = self.dir / f".tmp-{final.name}"
@@ -272,6 +279,11 @@ class CheckpointManager:
                 error = exc
         if not self._any(error is not None) and acc.is_main_process:
             try:
+                if tensors:
+                    from safetensors.torch import save_file
+
+                    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                              str(tmp / REGISTERED_FILE))
                 record = {**state, "step": int(step), "world_size": acc.num_processes}
                 with (tmp / STATE_FILE).open("w") as fh:
                     json.dump(record, fh, indent=1)
@@ -357,68 +369,46 @@ class CheckpointManager:
             chosen = box[0]
         return Path(chosen) if chosen else None
 
-    def _check_rng_file(self, path: Path) -> bool:
-        """Can this process's RNG file be loaded the way Accelerate loads it (weights-only)? Warn loudly if not."""
-        from accelerate.utils import load
+    def check_safe(self, path: Path) -> None:
+        """Refuse (every rank) a checkpoint with a file that would run code when loaded (`launch/safe_load.py`)."""
+        from launch.safe_load import unsafe_file
 
-        rng = path / RNG_FILE.format(self.accelerator.process_index)
-        try:
-            load(rng)
-            return True
-        except Exception as exc:  # noqa: BLE001 - any refusal means the RNG state is not restored
-            why = ("it carries code, which safe (weights-only) unpickling refuses"
-                   if "weights_only" in str(exc) or "global" in str(exc).lower() else _short(exc))
-            warn(f"the RNG state file {rng} of checkpoint {path.name} is not loaded: {why}. The random streams "
-                 f"(masking noise, augmentation, dropout) restart from the seed instead, so this resume is NOT "
-                 f"exact: the run continues, but will not match an uninterrupted run. Re-create the file only from "
-                 f"a trusted source")
-            return False
+        problem = None
+        if self.accelerator.is_main_process:
+            for file in sorted(p for p in path.rglob("*") if p.is_file()):
+                why = unsafe_file(file)
+                if why is not None:
+                    problem = (f"refusing to resume from {path}: {file.relative_to(path)} cannot be read without "
+                               f"running code: {why}. Tessera and the libraries it uses never write such a file; "
+                               f"if you do not trust the run directory, delete the checkpoint (rm -r {path})")
+                    break
+        if self.accelerator.num_processes > 1:
+            problem = broadcast_object_list([problem], from_process=0)[0]
+        if problem is not None:
+            raise CheckpointUnsafe(problem)
 
-    def load_latest(self, expect_fingerprint: dict | None = None, config: dict | None = None) -> dict[str, Any] | None:
-        """Restore the newest complete, intact checkpoint through `accelerator.load_state`; return its extra state.
-
-        `expect_fingerprint` (from `model_fingerprint`) is compared with the saved one first: a checkpoint of a model
-        with other shapes is refused with a `ResumeMismatch` naming the tensors (and, given `config`, the config
-        keys) that changed. Under DeepSpeed a different world size is refused too (ZeRO partitions cannot be re-split).
-        The returned state has `rng_restored` (False when this process's RNG file could not be loaded safely).
-        """
+    def load_latest(self) -> dict[str, Any] | None:
+        """`load(choose())`'s state JSON, or None when there is no complete checkpoint."""
         path = self.choose()
-        if path is None:
-            return None
+        return None if path is None else self.load(path)[0]
+
+    def load(self, path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Restore a checkpoint chosen by `choose` (every rank): its files are checked first (`check_safe`), then
+        `accelerator.load_state` restores model, optimizer, scaler and RNG states. Returns (the state JSON, the
+        registered tensors)."""
+        from safetensors.torch import load_file
+
         state = self.read_state(path)
-        if expect_fingerprint is not None and state.get("fingerprint") is not None:
-            changes = fingerprint_changes(state["fingerprint"], expect_fingerprint)
-            if changes:
-                lines = [f"cannot resume from {path}: the model's shape changed."]
-                if config is not None and isinstance(state.get("config"), dict):
-                    keys = [c for c in config_changes(state["config"], config) if not c.startswith("run.")]
-                    if keys:
-                        lines.append("config changes: " + "; ".join(keys))
-                lines.append("tensors: " + "; ".join(changes))
-                lines.append("use another run.output_dir, or start over with run.resume=false run.overwrite=true "
-                             "(the old checkpoints are moved aside)")
-                raise ResumeMismatch("\n  ".join(lines))
-        saved_world = state.get("world_size")
-        if (
-            self.accelerator.distributed_type == DistributedType.DEEPSPEED
-            and saved_world is not None
-            and saved_world != self.accelerator.num_processes
-        ):
-            raise ResumeMismatch(
-                f"cannot resume from {path}: it was saved by {saved_world} DeepSpeed processes and this run has "
-                f"{self.accelerator.num_processes}; ZeRO optimizer partitions cannot be re-split. Resume with "
-                f"{saved_world} processes, or start a new run from its consolidated weights "
-                f"(deepspeed.utils.zero_to_fp32 on {path})"
-            )
-        rng_ok = self._check_rng_file(path)
+        self.check_safe(path)
         try:
             self.accelerator.load_state(str(path))
+            tensors = load_file(str(path / REGISTERED_FILE)) if (path / REGISTERED_FILE).is_file() else {}
         except Exception as exc:  # noqa: BLE001 - named for the user; the original is chained for debugging
             older = [p for _, p in self.complete() if p != path]
             way = (f"move it aside (mv {path} {path}{CORRUPT_SUFFIX}) to resume from {older[-1]}" if older else
                    "start over with run.resume=false run.overwrite=true")
             raise CheckpointUnreadable(f"cannot load checkpoint {path}: {_short(exc)}; {way}") from exc
-        return {**state, "rng_restored": rng_ok}
+        return state, tensors
 
 
 def _short(exc: BaseException) -> str:
@@ -474,6 +464,8 @@ def export_state_dict(
 __all__ = [
     "CheckpointManager",
     "CheckpointUnreadable",
+    "CheckpointUnsafe",
+    "REGISTERED_FILE",
     "CheckpointWriteError",
     "ResumeMismatch",
     "STATE_FILE",

@@ -7,6 +7,10 @@
 * Values are converted by the field's declared type, so `1e-3` is a float even though YAML reads it as a string,
   `steps=1e5` is the int 100000, `betas=0.9,0.95` is a tuple. Unknown keys and values that do not fit the type
   are a `ConfigError` naming the key and the file (or "command line") it came from, with a close match if any.
+* A top-level config may map old spellings to their keys (`RENAMED = {"data.path": "data.train and data.test"}`):
+  an old key is refused with a message naming the new one.
+* A section (or the top level) may say which of its keys do not apply given the others (`def inapplicable(self) ->
+  {field: why}`, e.g. `optim.betas` when `optim.name=lars`): such a key, when given, is refused in one line.
 """
 
 from __future__ import annotations
@@ -20,12 +24,10 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
+from core.errors import ConfigError
+
 T = TypeVar("T")
 COMMAND_LINE = "command line"
-
-
-class ConfigError(ValueError):
-    """A configuration problem, with the key and its source in the message."""
 
 
 def opt(default: Any, help: str) -> Any:
@@ -272,8 +274,48 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+def _given_leaves(merged: Mapping, prefix: str = "") -> list[str]:
+    """Dotted keys of the values given (YAML files and overrides), sections excluded."""
+    out = []
+    for k, v in merged.items():
+        if isinstance(v, Mapping) and v:
+            out.extend(_given_leaves(v, f"{prefix}{k}."))
+        else:
+            out.append(prefix + k)
+    return out
+
+
+def _refuse_renamed(cls: type, given: list[str], sources: Mapping[str, str]) -> None:
+    renamed = getattr(cls, "RENAMED", {})
+    for key in given:
+        if key in renamed:
+            raise ConfigError(f"config key '{key}' (from {sources.get(key, COMMAND_LINE)}) is an old spelling: use "
+                              f"{renamed[key]}")
+
+
+def _inapplicable(cfg: Any, prefix: str = "") -> dict[str, str]:
+    """Dotted key -> why it does not apply, from every section's `inapplicable()`."""
+    out = {}
+    if hasattr(cfg, "inapplicable"):
+        out.update({prefix + k: why for k, why in cfg.inapplicable().items()})
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out.update(_inapplicable(value, f"{prefix}{f.name}."))
+    return out
+
+
+def _refuse_inapplicable(cfg: Any, given: list[str], sources: Mapping[str, str]) -> None:
+    rules = _inapplicable(cfg)
+    for key in given:
+        if key in rules:
+            raise ConfigError(f"config key '{key}' (from {sources.get(key, COMMAND_LINE)}) does not apply here: "
+                              f"{rules[key]}")
+
+
 def load_config(cls: type[T], argv: Sequence[str] = ()) -> T:
-    """Defaults of `cls`, then each YAML file and `key=value` override of `argv` in order."""
+    """Defaults of `cls`, then each YAML file and `key=value` override of `argv` in order. Old spellings and keys
+    that do not apply to the resulting run are refused."""
     merged: dict = {}
     sources: dict[str, str] = {}
     for arg in argv:
@@ -287,7 +329,11 @@ def load_config(cls: type[T], argv: Sequence[str] = ()) -> T:
             _merge(merged, read_yaml(arg), sources, str(arg))
         else:
             raise ConfigError(f"argument {arg!r} is neither a YAML file (.yaml) nor a key=value override")
-    return _build(cls, merged, sources)
+    given = _given_leaves(merged)
+    _refuse_renamed(cls, given, sources)
+    cfg = _build(cls, merged, sources)
+    _refuse_inapplicable(cfg, given, sources)
+    return cfg
 
 
 def config_from_dict(cls: type[T], values: Mapping[str, Any], source: str = "dict") -> T:

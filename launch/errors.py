@@ -1,16 +1,16 @@
 """User errors at the entry points: one line `prog: error: <message>` on stderr and exit code 2, no traceback.
 
-    from launch.errors import UserError, cli
+    from launch.errors import cli
 
     if __name__ == "__main__":
         cli("pretrain/mae.py", main)()          # or: main = cli("pretrain/mae.py")(main)
 
-A user error is bad input or a bad environment the user can fix: `UserError` (raise it with a message naming the
-key, file or path and what to do), `launch.config.ConfigError`, `data.info.DatasetError`,
-`data.make_shards.ShardWriteError`, `launch.checkpoint.ResumeMismatch`, a `FileNotFoundError`,
-`PermissionError`, `IsADirectoryError` or `NotADirectoryError` that names its path, and a full disk (`ENOSPC`,
-`EDQUOT`). Anything else is a bug and keeps its traceback. Under a launcher with several processes, ranks other than
-0 prefix their line with `[rank N]`, so a rank-specific problem (a shard only one rank reads) still shows.
+User errors are the subclasses of `core.errors.UserError` (a config key, a dataset, weights, a run directory, a
+resume that does not fit), plus a `FileNotFoundError`, `PermissionError`, `IsADirectoryError` or `NotADirectoryError`
+that names its path, and a full disk (`ENOSPC`, `EDQUOT`): one line, exit code 2. A `core.errors.RunError` (the run
+failed for a reason it explains, e.g. a streak of non-finite losses) is printed the same way with exit code 1.
+Anything else is a bug and keeps its traceback. Under a launcher with several processes, ranks other than 0 prefix
+their line with `[rank N]`, so a rank-specific problem (a shard only one rank reads) still shows.
 """
 
 from __future__ import annotations
@@ -24,36 +24,17 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-EXIT_USER_ERROR = 2  # argparse's convention for usage errors
+from core.errors import RunError, UserError
 
-# Exception classes from other modules that are user errors, by module and name: looked up in sys.modules only, so
-# this module imports nothing heavy (an exception of a class whose module was never imported cannot occur).
-_NAMED_USER_ERRORS = (
-    ("launch.config", "ConfigError"),
-    ("data.info", "DatasetError"),
-    ("data.make_shards", "ShardWriteError"),
-    ("launch.checkpoint", "ResumeMismatch"),
-)
+EXIT_USER_ERROR = 2  # argparse's convention for usage errors
+EXIT_RUN_ERROR = 1
 _PATH_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-class UserError(Exception):
-    """Bad input the user can fix; the message names the key, file or path and what to do."""
-
-
-def _user_error_types() -> tuple[type, ...]:
-    types = [UserError]
-    for module, name in _NAMED_USER_ERRORS:
-        cls = getattr(sys.modules.get(module), name, None)
-        if isinstance(cls, type):
-            types.append(cls)
-    return tuple(types)
-
-
 def user_message(exc: BaseException) -> str | None:
-    """The one-line message for a user error, or None when `exc` is a bug (keep the traceback)."""
-    if isinstance(exc, _user_error_types()):
+    """The one-line message for a user error or a run error, or None when `exc` is a bug (keep the traceback)."""
+    if isinstance(exc, (UserError, RunError)):
         return str(exc)
     if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
         where = f" writing {exc.filename}" if exc.filename else ""
@@ -98,7 +79,7 @@ def cli(prog: str, main: Callable | None = None) -> Callable:
             if message is None:
                 raise
             report(prog, message)
-            raise SystemExit(EXIT_USER_ERROR) from None
+            raise SystemExit(EXIT_RUN_ERROR if isinstance(exc, RunError) else EXIT_USER_ERROR) from None
 
     return wrapped
 
@@ -121,4 +102,5 @@ def check_keywords(target: Callable | type, given: Mapping[str, Any] | Iterable[
     raise UserError(f"unknown config key {', '.join(parts)}; valid names under {key}: {', '.join(valid)}")
 
 
-__all__ = ["UserError", "EXIT_USER_ERROR", "cli", "check_keywords", "report", "user_message"]
+__all__ = ["UserError", "RunError", "EXIT_USER_ERROR", "EXIT_RUN_ERROR", "cli", "check_keywords", "report",
+           "user_message"]

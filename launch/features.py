@@ -1,4 +1,5 @@
-"""Encoder features over an evaluation stream: pooling, one batch, and exact-once extraction gathered on every rank.
+"""Encoder features over an evaluation stream: exact-once extraction gathered on every rank (pooling is in
+`models/pooling.py`).
 
 Shared by the downstream runs (`finetune/`) and the pretraining k-NN monitor (`launch/knn_monitor.py`), so it lives
 where both may import it. Extraction runs the eval loader (every image once across ranks, `valid` mask), keeps the
@@ -12,20 +13,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-
-def pool_tokens(tokens: torch.Tensor, pool: str, num_prefix_tokens: int = 1) -> torch.Tensor:
-    """`[N, T, D]` tokens after the final norm -> `[N, D]`: the CLS token, or the mean of the patch tokens."""
-    if pool == "token":
-        return tokens[:, 0]  # [N, D]
-    if pool == "avg":
-        return tokens[:, num_prefix_tokens:].mean(dim=1)  # [N, D]
-    raise ValueError(f"pool must be 'token' or 'avg', got {pool!r}")
-
-
-def encode(encoder: nn.Module, images: torch.Tensor, pool: str) -> torch.Tensor:
-    """Features of a batch through a timm VisionTransformer (`forward_features` ends with the final norm)."""
-    tokens = encoder.forward_features(images)  # [N, 1+L, D]
-    return pool_tokens(tokens, pool, getattr(encoder, "num_prefix_tokens", 1))
+from models.pooling import encode
 
 
 def gather_rows(x: torch.Tensor, accelerator) -> torch.Tensor:
@@ -61,4 +49,4 @@ def extract_features(encoder: nn.Module, batches, accelerator, pool: str, desc: 
     return gather_rows(local_f, accelerator), gather_rows(local_y.long(), accelerator)
 
 
-__all__ = ["pool_tokens", "encode", "gather_rows", "extract_features"]
+__all__ = ["gather_rows", "extract_features"]

@@ -12,20 +12,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from core.errors import ConfigError
 from data.device_input import device_batches
 from data.eval_stream import EvalLoader, build_eval_loader
-from data.info import DatasetError, DatasetInfo, resolve
+from data.info import DatasetError, DatasetInfo, neighbour_split, resolve
 from data.transforms import eval_transform
-from launch.config import ConfigError
 from launch.features import extract_features
 from launch.knn import knn_top1
-
-QUERY_SPLITS = ("val", "test")  # looked for next to the training split when no query split is named
 
 
 def subset(info: DatasetInfo, n: int | None) -> DatasetInfo:
@@ -40,20 +37,6 @@ def subset(info: DatasetInfo, n: int | None) -> DatasetInfo:
         sizes[k] += 1
     keep = [k for k, s in enumerate(sizes) if s > 0]
     return replace(info, urls=[info.urls[k] for k in keep], shard_sizes=[sizes[k] for k in keep], num_samples=n)
-
-
-def neighbour_split(train_spec: str) -> str | None:
-    """`FOLDER:val` or `FOLDER:test` when the training data is a dataset folder holding such a split."""
-    folder = train_spec.rsplit(":", 1)[0] if ":" in train_spec else train_spec
-    if not Path(folder).is_dir():
-        return None
-    for split in QUERY_SPLITS:
-        try:
-            resolve(f"{folder}:{split}")
-        except DatasetError:
-            continue
-        return f"{folder}:{split}"
-    return None
 
 
 def labelled(spec: str | None, role: str, explicit: bool) -> tuple[DatasetInfo | None, str]:
@@ -134,4 +117,4 @@ def build_knn_monitor(*, bank: str | None, query: str | None, train: str, accele
                      f"T={temperature}, {pool} features")
 
 
-__all__ = ["KnnMonitor", "build_knn_monitor", "subset", "neighbour_split", "QUERY_SPLITS"]
+__all__ = ["KnnMonitor", "build_knn_monitor", "subset"]

@@ -1,10 +1,16 @@
 """The one training loop that pretraining, fine-tuning and probing all run.
 
 An entry point builds the pieces (prepared model and optimizer, an iterator of device batches, a `step_fn(batch) ->
-loss`, a `save(step, loop_state)` callback) and calls `TrainLoop(...).fit(start_step, state)`. The loop owns what every
+loss`) and the run's `Session` (`launch/session.py`), and calls `TrainLoop(...).fit()`. The loop owns what every
 run shares: the lr from the step, gradient accumulation without gradient sync on the inner micro-steps, one autocast
-policy (Accelerate's, around the whole step function), clipping, the non-finite policy, log / stop / save cadence, the
-progress bar and periodic hooks (evaluation, pictures).
+policy (Accelerate's, around the whole step function), clipping, the non-finite policy, log / stop / save cadence
+(checkpoints through the session), the progress bar and periodic hooks (evaluation, pictures).
+
+Each logged record has, besides the loss and lr: `images_per_sec` (hooks excluded), `data_wait` (the share of the
+window's wall-clock the host spent waiting for the next batch, the slowest rank's: near 1 means input-bound),
+`tflops` (achieved model TFLOP/s per device from the FLOPs per image) and `mfu` (that over the device's peak, when
+the peak is known: `launch/hardware.py`). A stop signal that arrives while the run still waits for its first batch
+ends it at once (nothing to save yet).
 
 Host syncs: none outside log and save steps. The loss window, the non-finite counters and the skip decision stay on
 the device (`launch/nonfinite.py`); the stop flag is agreed over a CPU gloo group (`launch/signals.py`). DeepSpeed is
@@ -18,18 +24,18 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from tqdm import tqdm
 
-from launch.metrics import MetricsLogger
+from core.errors import RunError
+from launch.hardware import device_name, peak_tflops, precision_name
 from launch.nonfinite import NonFiniteGuard, nonfinite
 from launch.schedule import apply_lr, lr_at
-from launch.sections import OptimConfig, RunConfig
-from launch.signals import StopFlag
+from launch.session import Session
+from launch.signals import StopFlag, StopRequested
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunError):
     """Too many consecutive non-finite losses."""
 
 
@@ -58,25 +64,25 @@ class LoopResult:
 
 @dataclass
 class TrainLoop:
-    accelerator: Accelerator
+    session: Session  # the run: accelerator, config (run, optim), batch arithmetic, checkpoints, metrics
     model: torch.nn.Module  # prepared; its parameters that require grad are the ones clipped
     optimizer: torch.optim.Optimizer  # prepared
     step_fn: Callable[[dict], torch.Tensor]  # one micro-batch -> scalar loss (called under autocast)
     batches: Iterator[dict]  # micro-batches already on the device
-    run: RunConfig
-    optim: OptimConfig
     peak_lr: float
-    global_batch: int  # images per optimizer step, all ranks
-    metrics: MetricsLogger
-    save: Callable[[int, dict], object]  # (step, loop state) -> checkpoint path; called on every rank
     hooks: Sequence[Hook] = ()
     log_extra: Callable[[int], dict] | None = None  # step -> more metrics (may sync: runs at log steps only)
     after_update: Callable[[int], None] | None = None  # e.g. an EMA update, after every optimizer step
     desc: str = "train"
+    flops_per_image: float | None = None  # training FLOPs per image (forward + backward): tflops and mfu
 
-    def fit(self, start_step: int = 0, state: dict | None = None) -> LoopResult:
-        acc, run, optim, state = self.accelerator, self.run, self.optim, state or {}
+    def fit(self) -> LoopResult:
+        """Train from the session's start step to `run.steps` (or a stop signal); see the module docstring."""
+        acc, run, optim = self.session.rt.accelerator, self.session.cfg.run, self.session.cfg.optim
+        state, start_step = self.session.loop_state, self.session.start_step
+        self.global_batch = self.session.rt.global_batch
         self._shown = {}  # merged hook values on the progress bar (the latest of each), e.g. knn_top1
+        self._peak = peak_tflops(device_name(acc.device), precision_name(acc.mixed_precision))
         device, accum = acc.device, optim.grad_accum_steps
         deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -91,9 +97,20 @@ class TrainLoop:
         # the newest checkpoint saved outside a non-finite streak (what the advice names when a streak stops the run)
         good_ckpt = state.get("last_good_checkpoint") if state.get("nonfinite_consecutive") else state.get("path")
         clock = (time.perf_counter(), step)
+        self._wait = 0.0  # host seconds spent in next(batches) since the last log step
         bar = tqdm(total=run.steps, initial=step, desc=self.desc, dynamic_ncols=True,
                    disable=not (run.progress and acc.is_main_process))
         self.model.train()
+        first = None
+        if step < run.steps:
+            stop.waiting = True  # a stop signal before the first batch arrives ends the run at once
+            try:
+                first = self._next_batch()
+            except StopRequested as req:
+                bar.close()
+                stop.restore()
+                return LoopResult(step=step, loss=None, stopped_by=str(req), checkpoint=None)
+            stop.waiting = False
         while step < run.steps and stopped_by is None:
             lr = lr_at(step, peak_lr=self.peak_lr, warmup_steps=optim.warmup_steps, total_steps=run.steps,
                        min_lr=optim.min_lr)
@@ -102,7 +119,7 @@ class TrainLoop:
             if guard is not None:
                 guard.begin()
             for micro in range(accum):
-                batch = next(self.batches)
+                batch, first = (first, None) if first is not None else (self._next_batch(), None)
                 with acc.accumulate(self.model):  # no gradient all-reduce until the last micro-step
                     with acc.autocast():
                         micro_loss = self.step_fn(batch)
@@ -152,41 +169,60 @@ class TrainLoop:
                 window.zero_()
                 nf_worst = nf_run.clone()
                 clock = (time.perf_counter(), step)
+                self._wait = 0.0
             elif merged:
-                self.metrics.log(step, merged)
+                self.session.log(step, merged)
             for hook in self.hooks:
                 if not hook.merge and hook.due(step, last) and (values := hook.fn(step)):
-                    self.metrics.log(step, values)
+                    self.session.log(step, values)
             stopped_by = stop.poll()
             if stopped_by or last or (run.save_every and step % run.save_every == 0):
                 counts = torch.stack([nf_total, nf_run]).tolist()
-                ckpt = self.save(step, {"nonfinite_total": int(counts[0]), "nonfinite_consecutive": int(counts[1]),
-                                        "last_good_checkpoint": good_ckpt})
+                ckpt = self.session.save(step, {"nonfinite_total": int(counts[0]),
+                                                "nonfinite_consecutive": int(counts[1]),
+                                                "last_good_checkpoint": good_ckpt})
                 good_ckpt = good_ckpt if counts[1] else str(ckpt)
         bar.close()
         stop.restore()
         return LoopResult(step=step, loss=loss, stopped_by=stopped_by, checkpoint=ckpt)
 
+    def _next_batch(self) -> dict:
+        """The next micro-batch; the host time spent waiting for it counts as data wait."""
+        t0 = time.perf_counter()
+        batch = next(self.batches)
+        self._wait += time.perf_counter() - t0
+        return batch
+
     def _log(self, step, lr, window, nf_total, nf_worst, clock, bar, merged=None) -> tuple[float | None, float]:
-        acc = self.accelerator
+        acc = self.session.rt.accelerator
+        elapsed = max(time.perf_counter() - clock[0], 1e-9)
+        wait = torch.tensor([self._wait / elapsed], device=acc.device)
         if acc.num_processes > 1:
             window = acc.reduce(window, reduction="sum")
-        loss_sum, kept, n_bad, worst = torch.cat([window, nf_total[None], nf_worst[None]]).tolist()
-        elapsed = max(time.perf_counter() - clock[0], 1e-9)
+            wait = acc.gather(wait).max()[None]  # the slowest rank's share
+        loss_sum, kept, n_bad, worst, data_wait = torch.cat([window, nf_total[None], nf_worst[None],
+                                                             wait.float()]).tolist()
         loss = loss_sum / kept if kept else None  # None (JSON null) when every step of the window was skipped
-        values = {"loss": loss, "lr": lr, "images_per_sec": (step - clock[1]) * self.global_batch / elapsed,
-                  "n_nonfinite": int(n_bad)}
+        images_per_sec = (step - clock[1]) * self.global_batch / elapsed
+        values = {"loss": loss, "lr": lr, "images_per_sec": images_per_sec, "n_nonfinite": int(n_bad),
+                  "data_wait": min(1.0, data_wait)}
+        if self.flops_per_image:
+            tflops = images_per_sec * self.flops_per_image / 1e12 / acc.num_processes  # per device
+            values["tflops"] = tflops
+            if self._peak:
+                values["mfu"] = tflops / self._peak
         if self.log_extra is not None:
             values.update(self.log_extra(step))
         values.update(merged or {})
-        self.metrics.log(step, values)
+        self.session.log(step, values)
         shown = "nan" if loss is None else f"{loss:.4f}"
         self._shown.update({k: f"{v:.4f}" for k, v in (merged or {}).items() if isinstance(v, float)})
         bar.set_postfix(loss=shown, lr=f"{lr:.2e}", img_s=f"{values['images_per_sec']:.0f}", **self._shown)
-        if acc.is_main_process and not self.run.progress:  # plain lines for log files and pipes
+        run = self.session.cfg.run
+        if acc.is_main_process and not run.progress:  # plain lines for log files and pipes
             more = "".join(f" {k} {v:.4f}" for k, v in (merged or {}).items() if isinstance(v, float))
-            print(f"step {step}/{self.run.steps} loss {shown} lr {lr:.3e} images/s {values['images_per_sec']:.1f}"
-                  f"{more}", flush=True)
+            print(f"step {step}/{run.steps} loss {shown} lr {lr:.3e} images/s {images_per_sec:.1f} data_wait "
+                  f"{values['data_wait']:.2f}{more}", flush=True)
         return loss, worst
 
 

@@ -40,8 +40,8 @@ from pathlib import Path
 
 import psutil
 
+from core.errors import UserError
 from launch.checkpoint import complete_checkpoints, move_aside, utc_stamp
-from launch.errors import UserError
 
 LOCK_NAME = "run.lock"
 METRICS_NAME = "metrics.jsonl"

@@ -21,6 +21,8 @@ class RunConfig:
     steps: int = opt(300, "number of optimizer steps (the loop counts optimizer steps, not micro-steps)")
     precision: Literal["auto", "no", "bf16", "fp16"] = opt("auto", "mixed precision; auto = bf16 on GPU, fp32 on CPU")
     log_every: int = opt(10, "log loss/lr/images-per-second to metrics.jsonl and trackers every N steps")
+    eval_every: int = opt(0, "evaluate every N steps and at the end (0: only at the end): the k-NN monitor and the "
+                             "reconstruction picture in pretraining, the test split in fine-tuning and probing")
     save_every: int = opt(100, "save a resumable checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = opt(2, "keep the last K checkpoints")
     resume: bool = opt(True, "resume from the latest checkpoint in output_dir when there is one")
@@ -36,6 +38,8 @@ class RunConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
         if self.save_every < 0 or self.keep_checkpoints < 1:
             raise ValueError("save_every must be >= 0 and keep_checkpoints >= 1")
         if self.max_nonfinite < 1:
@@ -54,6 +58,8 @@ def _positive_finite(name: str, value: float | None, allow_zero: bool = False) -
 
 @dataclass
 class OptimConfig:
+    name: Literal["adamw", "lars"] = opt("adamw", "the optimizer: adamw (pretraining, fine-tuning, the attentive "
+                                                  "probe) or lars (the linear probe)")
     blr: float = opt(1.5e-4, "base learning rate; lr = blr * global_batch / 256 unless lr is set")
     lr: float | None = opt(None, "absolute peak learning rate (overrides blr scaling)")
     min_lr: float = opt(0.0, "learning rate at the end of the cosine")
@@ -61,6 +67,8 @@ class OptimConfig:
     weight_decay: float = opt(0.05, "AdamW weight decay (never on biases, norms, pos_embed, cls/mask tokens)")
     betas: tuple[float, float] = opt((0.9, 0.95), "AdamW betas")
     eps: float = opt(1e-8, "AdamW epsilon")
+    momentum: float = opt(0.9, "LARS momentum")
+    trust_coeff: float = opt(1e-3, "LARS trust coefficient (adaptation on weights only, not biases, as MoCo v3/MAE)")
     grad_accum_steps: int = opt(1, "micro-steps per optimizer step (no gradient sync on the accumulation micro-steps)")
     clip_grad: float | None = opt(None, "clip the global gradient norm to this value (None: no clipping)")
     layer_decay: float | None = opt(None, "layer-wise lr decay (fine-tuning): block i gets decay**(depth+1-i)")
@@ -80,12 +88,30 @@ class OptimConfig:
             raise ValueError("warmup_steps must be >= 0")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        _positive_finite("trust_coeff", self.trust_coeff)
+
+    def inapplicable(self) -> dict[str, str]:
+        """The keys of the other optimizer (refused when given)."""
+        if self.name == "lars":
+            return dict.fromkeys(("betas", "eps", "layer_decay"), "AdamW settings; this run's optimizer is "
+                                 "optim.name=lars (its settings: optim.momentum, optim.trust_coeff)")
+        return dict.fromkeys(("momentum", "trust_coeff"), "LARS settings; this run's optimizer is optim.name=adamw")
 
     def peak_lr(self, global_batch: int) -> float:
         """The MAE scaling rule: `blr * global_batch / 256`, unless an absolute `lr` is given."""
         return self.lr if self.lr is not None else self.blr * global_batch / 256
 
 
+TRAIN_HELP = ("training split: a folder with dataset.json (FOLDER:SPLIT, default split train), a shard pattern or "
+              "URLs; a relative folder is found from the current directory, else from the repository")
+TEST_HELP = "evaluated split (every image exactly once): FOLDER:SPLIT, a shard pattern or URLs"
+POOL_HELP = "the encoder's feature: the CLS token after the final norm, or the mean of the patch tokens (avg)"
+EVAL_BATCH_HELP = "images per process per forward of evaluation and feature extraction"
+PREFETCH_HELP = "batches copied to the device ahead of the step (a side stream on CUDA)"
+NORM_HELP = ("normalisation {} per channel; None: dataset.json's (written by data/make_shards.py), else ImageNet's "
+             "for 3 channels, else 0.5")
 MICRO_HELP = "images per process per micro-step (global_batch = micro_batch x processes x grad_accum_steps)"
 GLOBAL_HELP = "images per optimizer step over all processes and accumulation micro-steps (the lr scaling batch)"
 

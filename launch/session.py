@@ -1,106 +1,329 @@
-"""Opening a run on every rank: the run directory (claimed: a lock naming its holder, no fresh start over another
-run's checkpoints, `launch/run_dir.py`), its config.yaml, the checkpoint manager (resumed from the newest complete
-checkpoint when `run.resume` and one exists), metrics.jsonl and the trackers. `Session.close()` at the end.
+"""The run around the loop, owned once for every entry point: start-up, the run directory, what survives a restart,
+resume, the run record, and the end of the run.
 
-Shared by the three entry points, so they resume, refuse a changed model, and log the same way.
+    rt = start_run(cfg.run, cfg.optim, micro=cfg.data.micro_batch, global_=cfg.data.global_batch)  # before the model
+    ... build the model (identical on every rank: seeded with run.seed), prepare it ...
+    session = Session(rt, cfg, name="pretrain", fingerprint=model_fingerprint(model), record={"peak_lr": lr})
+    session.register("teacher", teacher)           # anything with state_dict()/load_state_dict()
+    session.register_loader(loader)                # its position is saved as the step's, restored on resume
+    start = session.begin()                        # resume (checked) or fresh; config.yaml, run.json, trackers
+    ... TrainLoop(..., session=session).fit(start) ...
+    session.finish({"loss": ...})                  # or session.stopped(result)
+
+Seeding, one policy: `start_run` seeds every rank with `run.seed` (the model is built identically everywhere); a fresh
+run then reseeds each rank with `run.seed + rank` (per-rank masking noise, dropout, augmentation); a resumed run gets
+every RNG state back from the checkpoint instead.
+
+What survives a restart is registered once and saved by the session itself, never pickled: tensors go to
+`tessera_registered.safetensors`, everything else to `tessera_state.json` (with the step, the data position, the loop's
+counters, `values` such as the best top-1, the resolved config and the model's shape fingerprint).
+
+A resume compares the resolved config with the saved one: the keys of `RESUME_MAY_CHANGE` may change (each change is
+said in one line); any other change (the model, the objective, the data, the seed, ...) refuses the resume in one line
+naming the keys, both values and the way out. A refused resume writes nothing into the run directory.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 
-from launch.checkpoint import CheckpointManager
+from core.errors import UserError
+from launch import run_files
+from launch.accel import build_accelerator, configure_deepspeed, input_dtype, zero_stage
+from launch.checkpoint import CheckpointManager, ResumeMismatch, config_changes, fingerprint_changes
 from launch.config import save_config, to_dict
-from launch.errors import UserError
 from launch.metrics import MetricsLogger
 from launch.run_dir import RunDirClaim, claim_run_dir
+from launch.run_record import end_record, start_record
+from launch.sections import OptimConfig, RunConfig, resolve_batch
 
-# claims this process holds, by directory: a run that ended by an exception in-process (tests, notebooks) leaves
-# its claim here, and the next run of the same process into the same directory takes it back
-_CLAIMS: dict[Path, RunDirClaim] = {}
+# Config keys (dotted, or a section's prefix ending in ".") that may change when a run resumes: how long it runs, how
+# it logs, evaluates, saves and reads data, the monitors, and the optimiser's schedule (a lower lr after a spike). Any
+# other change refuses the resume.
+RESUME_MAY_CHANGE = (
+    "run.steps", "run.log_every", "run.eval_every", "run.save_every", "run.keep_checkpoints", "run.resume",
+    "run.overwrite", "run.trackers", "run.wandb_project", "run.max_nonfinite", "run.compile", "run.progress",
+    "run.output_dir", "data.num_workers", "data.prefetch", "data.pin_memory", "data.eval_batch", "data.micro_batch",
+    "optim.grad_accum_steps", "optim.lr", "optim.blr", "optim.min_lr", "optim.warmup_steps", "optim.weight_decay",
+    "optim.clip_grad", "knn.", "vis.", "probe.rebuild_cache",
+)
+SEP = "/"  # between the levels of a registered object's state in the saved names
+_CLAIMS: dict[Path, Session] = {}  # this process's open sessions by run directory
 
 
 @dataclass
-class Session:
-    run_dir: Path
-    ckpt: CheckpointManager
-    metrics: MetricsLogger
-    config: dict  # the resolved config (`to_dict`), stored in every checkpoint
-    state: dict = field(default_factory=dict)  # the resumed checkpoint's extra state ({} for a fresh run)
-    claim: RunDirClaim | None = None  # the run directory's lock (main process)
+class Runtime:
+    """What start-up decided: the accelerator, the batch arithmetic and the dtype inputs are cast to."""
+
+    accelerator: Accelerator
+    micro_batch: int  # images per process per micro-step
+    global_batch: int  # images per optimizer step over all processes and accumulation micro-steps
+    accum: int  # micro-steps per optimizer step
+    dtype: torch.dtype  # inputs' dtype (bf16/fp16 under DeepSpeed, which converts the model but not its inputs)
 
     @property
-    def start_step(self) -> int:
-        return int(self.state.get("step", 0))
+    def world(self) -> int:
+        return self.accelerator.num_processes
 
     @property
-    def resumed(self) -> bool:
-        return bool(self.state)
+    def rank(self) -> int:
+        return self.accelerator.process_index
 
-    def stopped(self, name: str, done, is_main: bool) -> dict:
-        """After a loop stopped by a signal: say where the checkpoint is, close, and return the run's summary."""
-        if is_main:
-            print(f"[{name}] stopped by {done.stopped_by} at step {done.step}; checkpoint saved in {done.checkpoint}. "
-                  f"Re-run the same command to resume.", flush=True)
-        self.close()
-        return {"step": done.step, "stopped_by": done.stopped_by, "run_dir": str(self.run_dir)}
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
 
-    def close(self) -> None:
-        """End the trackers and release the run directory."""
-        self.metrics.close()
-        if self.claim is not None:
-            self.claim.release()
-            _CLAIMS.pop(self.run_dir.resolve(), None)
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.accelerator.distributed_type == DistributedType.DEEPSPEED
+
+    @property
+    def zero_stage(self) -> int | None:
+        return zero_stage(self.accelerator)
+
+    def say(self, line: str) -> None:
+        """One line on the main process's stdout."""
+        if self.is_main:
+            print(line, flush=True)
 
 
-def flat(d: dict, prefix: str = "") -> dict:
-    """`{"a": {"b": 1}}` -> `{"a.b": 1}` (the trackers take flat scalar configs)."""
+def start_run(run: RunConfig, optim: OptimConfig, *, micro: int | None, global_: int | None) -> Runtime:
+    """The accelerator (launcher's process count, precision, DeepSpeed), micro/global batch, DeepSpeed's batch
+    fields, and every rank seeded with `run.seed` (call before building the model)."""
+    accelerator = build_accelerator(run, optim)
+    micro, global_batch = resolve_batch(micro, global_, accelerator.num_processes, optim.grad_accum_steps)
+    configure_deepspeed(accelerator, micro, optim)
+    set_seed(run.seed)
+    return Runtime(accelerator, micro, global_batch, optim.grad_accum_steps, input_dtype(accelerator))
+
+
+def flat(d: dict, prefix: str = "", sep: str = ".") -> dict:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}`."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(flat(v, f"{prefix}{k}."))
+            out.update(flat(v, f"{prefix}{k}{sep}", sep))
         else:
-            out[prefix + k] = v
+            out[prefix + str(k)] = v
     return out
 
 
-def open_session(accelerator: Accelerator, cfg, *, fingerprint: dict, name: str) -> Session:
-    """Call on every rank after `accelerator.prepare` (loading a checkpoint restores the prepared objects)."""
-    run_dir = Path(cfg.run.output_dir)
-    config = to_dict(cfg)
-    claim, error = None, None
-    if accelerator.is_main_process:
-        if (old := _CLAIMS.pop(run_dir.resolve(), None)) is not None:
-            old.release()
+def nest(items: dict, sep: str = SEP) -> dict:
+    """The inverse of `flat(..., sep=SEP)`."""
+    out: dict = {}
+    for key, value in items.items():
+        node = out
+        *path, leaf = key.split(sep)
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def may_change(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_MAY_CHANGE)
+
+
+class Session:
+    """A run's directory, checkpoints, metrics and record, on every rank (see the module docstring)."""
+
+    def __init__(self, rt: Runtime, cfg: Any, *, name: str, fingerprint: dict, record: dict | None = None):
+        self.rt, self.cfg, self.name, self.fingerprint = rt, cfg, name, fingerprint
+        self.run_dir = Path(cfg.run.output_dir)
+        self.config = to_dict(cfg)
+        self.values: dict[str, Any] = {}
+        self._objects: dict[str, Any] = {}
+        self._loader = None
+        acc = rt.accelerator
+        self._record_fields = {"entry": name, "world_size": rt.world, "distributed_type": acc.distributed_type.value,
+                               "precision": acc.mixed_precision, "zero_stage": rt.zero_stage,
+                               "micro_batch": rt.micro_batch, "grad_accum_steps": rt.accum,
+                               "global_batch": rt.global_batch, "steps": cfg.run.steps, **(record or {})}
+        self._record: dict | None = None
+        self.start_step = 0
+        self.loop_state: dict = {}  # the loop's counters of the resumed checkpoint
+        self.resumed_from: Path | None = None
+        self.claim = self._claim()
+        _CLAIMS[self.run_dir.resolve()] = self
+        self.ckpt = CheckpointManager(rt.accelerator, self.run_dir, keep=cfg.run.keep_checkpoints)
+        self.metrics: MetricsLogger | None = None
+
+    # ------------------------------------------------------------------------------------------ set-up
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        """A run that ends by an exception: its record says "failed" (with the error's first line), the directory is
+        released; a run that ended normally has already closed."""
+        if exc is not None and self.claim is not None:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            self._end("failed", self.start_step, {"error": f"{type(exc).__name__}: {first}"[:500]})
+
+    def _claim(self) -> RunDirClaim | None:
+        claim, error = None, None
+        if (old := _CLAIMS.pop(self.run_dir.resolve(), None)) is not None:
+            old.close()  # this process's earlier run of the directory ended by an exception (tests, notebooks)
+        if self.rt.is_main:
+            try:
+                claim = claim_run_dir(self.run_dir, resume=self.cfg.run.resume, overwrite=self.cfg.run.overwrite)
+            except UserError as exc:
+                error = str(exc)
+        if self.rt.world > 1:  # every rank stops with the main process's message
+            error = broadcast_object_list([error], from_process=0)[0]
+        if error is not None:
+            raise UserError(error)
+        return claim
+
+    def register(self, name: str, obj: Any) -> None:
+        """Save `obj.state_dict()` in every checkpoint and restore it on resume (before `begin`)."""
+        self._objects[name] = obj
+
+    def register_loader(self, loader: Any) -> None:
+        """The training loader: its state at the step is saved and restored (position = steps x accumulation)."""
+        self._loader = loader
+
+    def keep(self, name: str, default: Any) -> Any:
+        """A plain value (number, string) kept across restarts in `session.values[name]`; returns it."""
+        return self.values.setdefault(name, default)
+
+    # ------------------------------------------------------------------------------------------ begin
+
+    def begin(self) -> int:
+        """Resume from the newest complete checkpoint (checked, see the module docstring) or start fresh; write
+        config.yaml and run.json, start the trackers. Returns the step to start from."""
         try:
-            claim = claim_run_dir(run_dir, resume=cfg.run.resume, overwrite=cfg.run.overwrite)
-            _CLAIMS[run_dir.resolve()] = claim
-        except UserError as exc:
-            error = str(exc)
-    if accelerator.num_processes > 1:  # every rank stops with the main process's message
-        error = broadcast_object_list([error], from_process=0)[0]
-    if error is not None:
-        raise UserError(error)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    ckpt = CheckpointManager(accelerator, run_dir, keep=cfg.run.keep_checkpoints)
-    metrics = MetricsLogger(run_dir, accelerator)
-    state = (ckpt.load_latest(expect_fingerprint=fingerprint, config=config) if cfg.run.resume else None) or {}
-    if state:
-        state["path"] = str(ckpt.latest())  # the checkpoint resumed from
-        metrics.truncate_after(int(state["step"]))
-        if accelerator.is_main_process:
-            print(f"[{name}] resuming at step {state['step']} from {ckpt.latest()}", flush=True)
-    scalars = {k: v for k, v in flat(config).items() if isinstance(v, (int, float, str, bool))}
-    wandb = "wandb" in cfg.run.trackers
-    accelerator.init_trackers(cfg.run.wandb_project if wandb else name, config=scalars,
-                              init_kwargs={"wandb": {"name": run_dir.name}} if wandb else {})
-    return Session(run_dir=run_dir, ckpt=ckpt, metrics=metrics, config=config, state=state, claim=claim)
+            chosen = self.ckpt.choose() if self.cfg.run.resume else None
+            if chosen is not None:
+                self._check_resume(chosen, self.ckpt.read_state(chosen))
+        except BaseException:
+            self.close()  # a refused resume leaves the directory as it was (the lock goes)
+            raise
+        if chosen is not None:
+            self._restore(chosen)
+        else:
+            set_seed(self.cfg.run.seed + self.rt.rank)  # per-rank randomness; identical weights were built before
+        self.metrics = MetricsLogger(self.run_dir, self.rt.accelerator)
+        if self.rt.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.run_dir / run_files.CONFIG)
+            self.metrics.truncate_after(self.start_step)
+            self._record = start_record(self.run_dir / run_files.RUN_RECORD, self._record_fields, self.start_step)
+        self._init_trackers()
+        return self.start_step
+
+    def _check_resume(self, path: Path, saved: dict) -> None:
+        """Refuse a resume the saved run does not allow (one line naming what changed and the way out)."""
+        way = ("keep the saved values, or start a new run (another run.output_dir, or run.resume=false "
+               "run.overwrite=true to move the old checkpoints aside)")
+        changes = config_changes(saved.get("config") or {}, self.config)
+        refused = [c for c in changes if not may_change(c.split(":")[0])]
+        if refused:
+            raise ResumeMismatch(f"cannot resume {self.run_dir} from {path.name}: {'; '.join(refused)} "
+                                 f"(these change the model, the objective or the data); {way}")
+        shapes = fingerprint_changes(saved.get("fingerprint") or {}, self.fingerprint)
+        if saved.get("fingerprint") and shapes:
+            raise ResumeMismatch(f"cannot resume {self.run_dir} from {path.name}: the model's shape changed "
+                                 f"({'; '.join(shapes)}); {way}")
+        if saved.get("global_batch") not in (None, self.rt.global_batch):
+            raise ResumeMismatch(f"cannot resume {self.run_dir} from {path.name}: it was saved with a global batch of "
+                                 f"{saved['global_batch']} images and this run has {self.rt.global_batch}; give "
+                                 f"data.global_batch={saved['global_batch']} (the lr schedule and the data position "
+                                 f"assume it)")
+        saved_world = saved.get("world_size")
+        if self.rt.deepspeed and saved_world not in (None, self.rt.world):
+            raise ResumeMismatch(f"cannot resume {path}: it was saved by {saved_world} DeepSpeed processes and this "
+                                 f"run has {self.rt.world}; resume with {saved_world} processes, or start a new run "
+                                 f"from its consolidated weights (model.init_from={path})")
+        if changes:
+            self.rt.say(f"[{self.name}] resuming with changed settings: {'; '.join(changes)}")
+
+    def _restore(self, path: Path) -> None:
+        state, tensors = self.ckpt.load(path)
+        registered = state.get("registered") or {}
+        for name, obj in self._objects.items():
+            own = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + SEP)}
+            own.update(flat(registered.get(name) or {}, sep=SEP))
+            obj.load_state_dict(nest(own))
+        self.values.update(state.get("values") or {})
+        if self._loader is not None and state.get("loader"):
+            self._loader.load_state_dict(state["loader"])
+        self.start_step = int(state["step"])
+        self.loop_state = {k: state[k] for k in ("nonfinite_total", "nonfinite_consecutive", "last_good_checkpoint")
+                           if k in state}
+        self.loop_state["path"] = str(path)
+        self.resumed_from = path
+        self.rt.say(f"[{self.name}] resuming at step {self.start_step} from {path}")
+
+    def _init_trackers(self) -> None:
+        run = self.cfg.run
+        scalars = {k: v for k, v in flat(self.config).items() if isinstance(v, (int, float, str, bool))}
+        wandb = "wandb" in run.trackers
+        self.rt.accelerator.init_trackers(run.wandb_project if wandb else self.name, config=scalars,
+                                          init_kwargs={"wandb": {"name": self.run_dir.name}} if wandb else {})
+
+    @property
+    def resumed(self) -> bool:
+        return self.resumed_from is not None
+
+    # ------------------------------------------------------------------------------------------ during the run
+
+    def save(self, step: int, loop_state: dict) -> Path:
+        """A checkpoint at `step` (every rank): Accelerate's state, the registered objects, the data position."""
+        tensors, registered = {}, {}
+        for name, obj in self._objects.items():
+            for key, value in flat(obj.state_dict(), f"{name}{SEP}", SEP).items():
+                if isinstance(value, torch.Tensor):
+                    tensors[key] = value
+                else:
+                    registered.setdefault(name, {})[key[len(name) + 1:]] = value
+        state = {**loop_state, "values": self.values, "config": self.config, "fingerprint": self.fingerprint,
+                 "global_batch": self.rt.global_batch, "registered": {n: nest(v) for n, v in registered.items()}}
+        if self._loader is not None:
+            state["loader"] = {**self._loader.state_dict(), "batches": step * self.rt.accum}
+        return self.ckpt.save(step, state, tensors)
+
+    def log(self, step: int, values: dict) -> None:
+        self.metrics.log(step, values)
+
+    # ------------------------------------------------------------------------------------------ the end
+
+    def finish(self, step: int, final: dict | None = None) -> None:
+        """The run finished: run.json's end (status, step, final metrics), trackers ended, directory released."""
+        self._end("finished", step, final)
+
+    def stopped(self, done) -> dict:
+        """After a loop stopped by a signal: say where the checkpoint is, end the record, release; the summary."""
+        self.rt.say(f"[{self.name}] stopped by {done.stopped_by} at step {done.step}; checkpoint saved in "
+                    f"{done.checkpoint}. Re-run the same command to resume.")
+        self._end("stopped", done.step, None)
+        return {"step": done.step, "stopped_by": done.stopped_by, "run_dir": str(self.run_dir)}
+
+    def _end(self, status: str, step: int, final: dict | None) -> None:
+        if self.rt.is_main and self._record is not None:
+            self._record = end_record(self.run_dir / run_files.RUN_RECORD, self._record, status=status, step=step,
+                                      final=final)
+        self.close()
+
+    def close(self) -> None:
+        """End the trackers and release the run directory (safe to call twice)."""
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+        if self.claim is not None:
+            self.claim.release()
+            self.claim = None
+        _CLAIMS.pop(self.run_dir.resolve(), None)
 
 
-__all__ = ["Session", "open_session", "flat"]
+__all__ = ["Runtime", "Session", "start_run", "flat", "nest", "RESUME_MAY_CHANGE", "may_change"]

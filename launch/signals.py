@@ -19,11 +19,17 @@ import torch.distributed as dist
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
+class StopRequested(Exception):  # noqa: N818 - a request, not an error
+    """Raised by the handler itself while `StopFlag.waiting` is set (a run still waiting for its first batch, where
+    no step boundary would come to poll the flag at)."""
+
+
 class StopFlag:
     """Installs handlers for `signals`; `received` holds the first signal's name (or None); `poll()` agrees."""
 
     def __init__(self, world_size: int = 1, signals: tuple[signal.Signals, ...] = STOP_SIGNALS):
         self.received: str | None = None
+        self.waiting = False  # while true, a stop signal raises StopRequested at once
         self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
         self._group = None
         if world_size > 1 and dist.is_available() and dist.is_initialized():
@@ -33,6 +39,9 @@ class StopFlag:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is None:
             self.received = signal.Signals(signum).name
+        if self.waiting:
+            self.waiting = False
+            raise StopRequested(self.received)
 
     def poll(self) -> str | None:
         """The signal's name when this process or (with several processes) any process was signalled, else None."""
@@ -48,4 +57,4 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-__all__ = ["StopFlag", "STOP_SIGNALS"]
+__all__ = ["StopFlag", "StopRequested", "STOP_SIGNALS"]

@@ -1,13 +1,9 @@
 """Continued pretraining: the starting weights of a new run (`model.init_from=`), with a fresh optimizer and schedule.
 
-Sources (`find_weights`): a Tessera run directory (its `mae.safetensors`, `simmim.safetensors` or
-`data2vec.safetensors`, else `encoder.safetensors`) or one of those files; a ZeRO-3 consolidation (DeepSpeed's
-zero_to_fp32 output: a file, or a directory of shards with an index); an official MAE `.pth`; a Hugging Face ViTMAE
-directory (weights + config.json); timm ViT weights (a classifier head is dropped). Keys are brought to the model's
-names by `models/convert.py`.
-
-What loads (`warm_start`): the encoder always, every tensor of it, shapes equal; the rest of the model (MAE's decoder,
-a SimMIM/data2vec head) when the checkpoint has all of it with the same shapes, else that part starts fresh and the
+The weights are read by `launch/weights.py` (a Tessera run directory or its exports, a ZeRO-3 consolidation, an
+official MAE `.pth`, a Hugging Face ViTMAE directory, timm ViT weights) under the model's names. What loads
+(`warm_start`): the encoder always, every tensor of it, shapes equal; the rest of the model (MAE's decoder, a
+SimMIM/data2vec head) when the weights have all of it with the same shapes, else that part starts fresh and the
 summary line says so. A disagreement is one line naming the key and both shapes. What shapes do not show is checked
 where the source records it: head counts (HF config.json, a run's config.yaml) and the LayerNorm epsilon of an HF
 config.json (transformers' default 1e-12 vs our 1e-6; `model.layer_norm_eps` settles it).
@@ -15,69 +11,14 @@ config.json (transformers' default 1e-12 vs our 1e-6; `model.layer_norm_eps` set
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 import torch
 import torch.nn as nn
 
-from launch.config import ConfigError
+from core.errors import ConfigError, UserError
+from launch.weights import Weights, read_weights, recorded_variant
 
-RUN_WEIGHTS = ("mae.safetensors", "simmim.safetensors", "data2vec.safetensors", "encoder.safetensors")
 ENCODER = "encoder."
 IGNORED_ENCODER = ("encoder.head.", "encoder.fc_norm.", "encoder.head_drop.")  # a timm classifier's, not the encoder's
-
-
-@dataclass
-class InitSource:
-    path: Path  # the weights file or directory read
-    state_dict: dict[str, torch.Tensor]  # under the model's names (encoder.*, decoder_*, mask_token, head.*)
-    fmt: str  # models.convert.detect_format
-    hf_config: dict | None = None  # models.convert.read_hf_config
-    run_model: dict | None = None  # the `model` section of a Tessera run's config.yaml
-
-
-def _run_model_section(folder: Path) -> dict | None:
-    import yaml
-
-    cfg_file = folder / "config.yaml"
-    if not cfg_file.is_file():
-        return None
-    try:
-        model = (yaml.safe_load(cfg_file.read_text()) or {}).get("model")
-    except (yaml.YAMLError, AttributeError):
-        return None
-    return model if isinstance(model, dict) else None
-
-
-def find_weights(spec: str) -> InitSource:
-    """Read `model.init_from=spec` (see the module docstring); ConfigError naming the path when it cannot."""
-    from models import convert
-
-    path = Path(spec)
-    if not path.exists():
-        raise ConfigError(f"model.init_from: no such file or directory: {path}")
-    run_model, hf_config = None, None
-    if path.is_dir():
-        try:
-            hf_config = convert.read_hf_config(path)
-        except ValueError as exc:
-            raise ConfigError(f"model.init_from: {exc}") from None
-        found = next((path / n for n in RUN_WEIGHTS if (path / n).is_file()), None)
-        if found is not None and hf_config is None:  # a Tessera run directory
-            run_model, path = _run_model_section(path), found
-    elif path.name in RUN_WEIGHTS:
-        run_model = _run_model_section(path.parent)
-    try:
-        sd = convert.load_state_dict(path)
-        fmt = convert.detect_format(sd)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"model.init_from: {exc} (a run directory needs one of {', '.join(RUN_WEIGHTS)})") from None
-    except (ValueError, KeyError, OSError, RuntimeError) as exc:
-        raise ConfigError(f"model.init_from: cannot read weights from {path}: {exc}") from None
-    # our own files keep our names (a SimMIM `head.*` is not a timm head); the others are converted
-    sd = sd if fmt == "tessera" else convert.to_mae_state_dict(sd)
-    return InitSource(path, sd, fmt, hf_config, run_model)
 
 
 def layer_norm_eps(model: nn.Module) -> float | None:
@@ -97,18 +38,12 @@ def _heads(model: nn.Module) -> tuple[int | None, int | None]:
     return enc, dec
 
 
-def _check_recorded(model: nn.Module, src: InitSource, eps_given: bool) -> None:
+def _check_recorded(model: nn.Module, src: Weights, eps_given: bool) -> None:
     """What shapes do not show: head counts and (HF) the LayerNorm epsilon."""
     recorded = dict(src.hf_config or {})
-    if src.run_model and src.run_model.get("name"):
-        from models.variants import variant_kwargs
-
-        try:
-            overrides = src.run_model.get("overrides") or {}
-            recorded = {k: v for k, v in variant_kwargs(src.run_model["name"], **overrides).items()
-                        if k in ("num_heads", "decoder_num_heads")}
-        except (KeyError, TypeError):
-            recorded = {}
+    variant = recorded_variant(src.run_config)
+    if variant is not None:
+        recorded = {k: v for k, v in variant.items() if k in ("num_heads", "decoder_num_heads")}
     enc, dec = _heads(model)
     for key, ours in (("num_heads", enc), ("decoder_num_heads", dec)):
         theirs = recorded.get(key)
@@ -139,7 +74,10 @@ def _fit(model_sd: dict, sd: dict, keys: list[str]) -> list[str]:
 def warm_start(model: nn.Module, spec: str, eps: float | None = None) -> str:
     """Load `spec` into `model` (see the module docstring) and return one line saying what was loaded. `eps`: the
     LayerNorm epsilon the user chose (`model.layer_norm_eps`), applied to the model; None: keep the model's."""
-    src = find_weights(spec)
+    try:
+        src = read_weights(spec, want="pretrainer")
+    except UserError as exc:  # a config or weights problem: say which key brought the weights
+        raise ConfigError(f"model.init_from: {exc}") from None
     if eps is not None:
         set_layer_norm_eps(model, eps)
     _check_recorded(model, src, eps_given=eps is not None)
@@ -170,4 +108,4 @@ def warm_start(model: nn.Module, spec: str, eps: float | None = None) -> str:
             + (f"; not used: {', '.join(unused)}" if unused else ""))
 
 
-__all__ = ["InitSource", "find_weights", "warm_start", "set_layer_norm_eps", "layer_norm_eps", "RUN_WEIGHTS"]
+__all__ = ["warm_start", "set_layer_norm_eps", "layer_norm_eps"]

@@ -89,6 +89,27 @@ def create_classifier(encoder_cfg: dict, num_classes: int, global_pool: str = "t
     return model
 
 
+def build_classifier_from_meta(meta: dict) -> nn.Module:
+    """An untrained model of the architecture a classifier.json describes: `kind` "vit" (a timm ViT with its head),
+    "distilled" (VisionTransformerDistilled: (cls, dist) logits in train mode, their mean in eval mode), "cnn", or
+    "probe" (frozen encoder + BatchNorm/Linear head, `models/probe.py`). ValueError for an unknown kind."""
+    cfg = dict(meta["encoder_cfg"])
+    img_size = meta.get("img_size") or cfg.get("img_size")
+    if meta["kind"] in ("vit", "distilled", "cnn"):
+        pool = meta.get("pool", meta.get("global_pool", "token"))  # "global_pool": files written before round 3
+        model = create_classifier(cfg, meta["num_classes"], global_pool=pool,
+                                  drop_path_rate=0.0, img_size=img_size, distilled=meta["kind"] == "distilled")
+        if meta["kind"] == "distilled":
+            model.set_distilled_training(True)
+        return model
+    if meta["kind"] == "probe":
+        from .probe import ProbeClassifier
+
+        cfg["img_size"] = img_size
+        return ProbeClassifier(create_backbone(cfg), meta["num_classes"], pool=meta.get("pool", "token"))
+    raise ValueError(f"unknown classifier kind {meta['kind']!r} (expected 'vit', 'distilled', 'cnn' or 'probe')")
+
+
 def create_backbone(encoder_cfg: dict) -> VisionTransformer:
     """The headless encoder (num_classes=0) of a plain or hybrid ViT encoder_cfg, e.g. for a linear probe."""
     if "cnn" in encoder_cfg:

@@ -11,8 +11,8 @@ random 0.75 for mae (MAE), BEiT block masks at 0.6 for simmim (SimMIM) and data2
 
 `create_pretrainer(objective, name, ...)` builds the model from a named variant (`models/variants.py`: the encoder
 part of the name is used; simmim and data2vec have no decoder). Every model has `.encoder` (a plain timm ViT under
-`encoder.*`), so `models.convert.to_encoder_state_dict` exports each the same way. `weights_name(objective)` is the
-file of the full model's weights in a run directory: `mae.safetensors`, `simmim.safetensors`, `data2vec.safetensors`.
+`encoder.*`), so `models.convert.to_encoder_state_dict` exports each the same way (the file names of a run directory:
+`launch/run_files.py`).
 Only the model classes import timm, lazily, so config code can import this module cheaply.
 """
 
@@ -45,11 +45,6 @@ def check_objective(objective: str, target: str | None, norm_pix_loss: bool = Fa
         given = sorted(set(overrides or {}) & set(DECODER_KEYS))
         if given:
             raise ValueError(f"model.overrides.{given[0]} does not apply: model.objective={objective} has no decoder")
-
-
-def weights_name(objective: str) -> str:
-    """File name of the full pretraining model's weights in a run directory."""
-    return f"{objective}.safetensors"
 
 
 def encoder_kwargs(name: str, **overrides) -> dict:
@@ -104,4 +99,4 @@ def pretrain_flops_per_image(model, teacher_top_k: int | None = None) -> dict:
 
 
 __all__ = ["OBJECTIVES", "TARGETS", "DEFAULT_MASKING", "check_objective", "create_pretrainer", "default_target",
-           "encoder_kwargs", "predicts_pixels", "pretrain_flops_per_image", "weights_name"]
+           "encoder_kwargs", "predicts_pixels", "pretrain_flops_per_image"]

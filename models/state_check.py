@@ -3,10 +3,12 @@
 import torch
 import torch.nn as nn
 
+from core.errors import UserError
+
 _SHOW = 20  # entries listed per category before "... and N more"
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(UserError, ValueError):
     """A state dict does not fit a model. `.missing`, `.unexpected`, `.mismatched` hold the details."""
 
     def __init__(self, model_name: str, missing: dict, unexpected: dict, mismatched: dict):

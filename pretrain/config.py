@@ -13,7 +13,18 @@ from typing import Any, Literal
 import yaml
 
 from launch.config import opt, section
-from launch.sections import GLOBAL_HELP, MICRO_HELP, OptimConfig, RunConfig, check_batch_keys
+from launch.sections import (
+    EVAL_BATCH_HELP,
+    GLOBAL_HELP,
+    MICRO_HELP,
+    NORM_HELP,
+    POOL_HELP,
+    PREFETCH_HELP,
+    TRAIN_HELP,
+    OptimConfig,
+    RunConfig,
+    check_batch_keys,
+)
 from models.hybrid import pretraining_refusal
 from models.objectives import DEFAULT_MASKING, check_objective, default_target
 
@@ -43,6 +54,7 @@ class ModelConfig:
     layer_norm_eps: float | None = opt(None, "LayerNorm epsilon of every norm; None: 1e-6 (MAE's; HF ViTMAE configs "
                                        "often say 1e-12)")
     overrides: dict[str, Any] = opt({}, "extra constructor arguments of the variant, e.g. model.overrides.depth=2")
+    pool: Literal["token", "avg"] = opt("token", POOL_HELP)
 
     def __post_init__(self) -> None:
         if self.mask_ratio is not None and not 0.0 <= self.mask_ratio < 1.0:
@@ -71,30 +83,32 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = opt("data/sample", "training data: folder with dataset.json (folder:split), shard pattern or URLs")
-    recon: str | None = opt(None, "images for the reconstruction grid; None: the val/test split next to train, "
-                                  "else train")
+    train: str = opt("data/sample", TRAIN_HELP)
     micro_batch: int | None = opt(64, MICRO_HELP)
     global_batch: int | None = opt(None, GLOBAL_HELP)
     num_workers: int = opt(2, "loader worker processes per rank")
-    mean: tuple[float, ...] | None = opt(None, "normalisation mean per channel; None: dataset.json's (written by "
-                                         "data/make_shards.py), else ImageNet's for 3 channels, else 0.5")
-    std: tuple[float, ...] | None = opt(None, "normalisation std per channel; None: as mean (else 0.5)")
+    mean: tuple[float, ...] | None = opt(None, NORM_HELP.format("mean"))
+    std: tuple[float, ...] | None = opt(None, NORM_HELP.format("std"))
     shuffle_buffer: int | None = opt(None, "sample shuffle buffer per worker; None: the loader's default")
     augment: Literal["crop", "none"] = opt("crop", "pretraining augmentation: crop (RandomResizedCrop over "
                                            "crop_scale + flip) or none (the eval transform: resize, center crop)")
     crop_scale: tuple[float, float] = opt((0.2, 1.0), "RandomResizedCrop area range, fractions of the image (MAE: "
                                           "0.2-1)")
     hflip: float = opt(0.5, "horizontal flip probability of the crop augmentation")
-    loader: Literal["stream", "device"] = opt("stream", "stream: WebDataset shards through loader workers; device: a "
-                                              "small dataset (CIFAR-scale) held on the device as uint8, cropped there")
+    loader: Literal["stream", "device", "synthetic"] = opt(
+        "stream", "stream: WebDataset shards through loader workers; device: a small dataset (CIFAR-scale) held on "
+                  "the device as uint8, cropped there; synthetic: random uint8 images of the configured shape, no I/O "
+                  "(timing the step alone)")
     pin_memory: bool | None = opt(None, "pinned host memory for the batches; None: on with CUDA")
-    prefetch: int = opt(1, "batches copied to the device ahead of the step (a side stream on CUDA)")
+    prefetch: int = opt(1, PREFETCH_HELP)
+    eval_batch: int = opt(250, EVAL_BATCH_HELP)
 
     EXCLUSIVE = (("micro_batch", "global_batch"),)
 
     def __post_init__(self) -> None:
         check_batch_keys(self.micro_batch, self.global_batch)
+        if self.eval_batch < 1:
+            raise ValueError(f"eval_batch must be >= 1, got {self.eval_batch}")
         if self.num_workers < 0 or self.prefetch < 0:
             raise ValueError(f"num_workers and prefetch must be >= 0, got {self.num_workers}, {self.prefetch}")
         if not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0 or not 0.0 <= self.hflip <= 1.0:
@@ -104,31 +118,31 @@ class DataConfig:
 
 @dataclass
 class VisConfig:
-    every: int = opt(80, "write RUN_DIR/reconstructions/step_XXXXXX.png every N steps (0: only at the end)")
-    num_images: int = opt(8, "images in the reconstruction grid (fixed: the first N of the recon split)")
+    images: str | None = opt(None, "images of the reconstruction grid (RUN_DIR/reconstructions/step_XXXXXX.png at "
+                                   "each evaluation, reconstructions.png at the end); None: the val/test split next "
+                                   "to data.train, else data.train")
+    num_images: int = opt(8, "images in the reconstruction grid (fixed: the first N of vis.images; 0: no grid)")
     seed: int = opt(0, "seed of the grid's masks (same masks at every step)")
 
     def __post_init__(self) -> None:
-        if self.every < 0 or self.num_images < 0:
-            raise ValueError("vis.every and vis.num_images must be >= 0")
+        if self.num_images < 0:
+            raise ValueError("vis.num_images must be >= 0")
 
 
 @dataclass
 class KnnConfig:
-    enabled: bool = opt(True, "k-NN monitor: knn_top1 of the encoder's features (off by itself when no labels exist)")
-    every: int = opt(120, "evaluate every N steps and at the end (0: only at the end)")
+    enabled: bool = opt(True, "k-NN monitor: knn_top1 of the encoder's features at every evaluation (run.eval_every) "
+                              "and at the end (off by itself when no labels exist)")
     bank: str | None = opt(None, "labelled split whose features vote (folder:split); None: data.train")
     query: str | None = opt(None, "labelled split to classify; None: the val/test split next to data.train")
     bank_size: int | None = opt(1000, "bank images (a fixed subset: the first of every shard); None: the whole split")
     query_size: int | None = opt(500, "query images (fixed subset, as bank_size); None: the whole split")
     k: int = opt(20, "neighbours that vote")
     temperature: float = opt(0.07, "vote weight exp(cosine / T) (DINO's k-NN evaluation)")
-    pool: Literal["token", "avg"] = opt("token", "features: the CLS token or the mean of the patch tokens")
-    batch_size: int = opt(250, "images per rank per forward")
 
     def __post_init__(self) -> None:
-        if self.every < 0 or self.k < 1 or self.temperature <= 0 or self.batch_size < 1:
-            raise ValueError("knn.every must be >= 0, knn.k and knn.batch_size >= 1, knn.temperature > 0")
+        if self.k < 1 or self.temperature <= 0:
+            raise ValueError("knn.k must be >= 1 and knn.temperature > 0")
         if any(n is not None and n < 1 for n in (self.bank_size, self.query_size)):
             raise ValueError("knn.bank_size and knn.query_size must be >= 1 (or None: the whole split)")
 
@@ -166,12 +180,40 @@ class PretrainConfig:
     # the published 1.5e-4. The default run (240 steps of 64 images, ~4 passes over the 4000-image sample) takes a few
     # minutes on a 2-core CPU.
     optim: OptimConfig = section(OptimConfig, "AdamW and the lr schedule", blr=1e-3)
-    run: RunConfig = section(RunConfig, "run directory, length, precision, logging, checkpoints",
-                             output_dir="runs/pretrain", steps=240, save_every=120)
+    run: RunConfig = section(RunConfig, "run directory, length, precision, logging, evaluation, checkpoints",
+                             output_dir="runs/pretrain", steps=240, save_every=120, eval_every=120)
     vis: VisConfig = section(VisConfig, "reconstruction pictures")
     hog: HogConfig = section(HogConfig, "HOG targets (model.target=hog)")
     data2vec: Data2VecConfig = section(Data2VecConfig, "the data2vec teacher and loss (model.objective=data2vec)")
     knn: KnnConfig = section(KnnConfig, "live k-NN monitor (knn_top1 in metrics.jsonl)")
+
+    RENAMED = {"data.recon": "vis.images", "knn.every": "run.eval_every", "vis.every": "run.eval_every",
+               "knn.pool": "model.pool", "knn.batch_size": "data.eval_batch"}
+
+    def __post_init__(self) -> None:
+        if self.optim.name != "adamw":
+            raise ValueError(f"optim.name={self.optim.name}: pretraining uses AdamW (optim.name=adamw)")
+
+    def inapplicable(self) -> dict[str, str]:
+        """Keys that have no effect on this run, given the others (refused when given)."""
+        m, d, out = self.model, self.data, {}
+        if m.objective != "data2vec":
+            out.update({f"data2vec.{k}": f"model.objective={m.objective} has no EMA teacher" for k in
+                        ("ema_decay", "ema_end_decay", "ema_schedule", "top_k", "loss_beta")})
+        if (m.target or "pixels") != "hog":
+            out.update({f"hog.{k}": "the targets are not HOG (model.target=hog)" for k in ("cell", "bins")})
+        if d.augment == "none":
+            out.update({f"data.{k}": "data.augment=none" for k in ("crop_scale", "hflip")})
+        if d.loader != "stream":
+            out.update({f"data.{k}": f"data.loader={d.loader} reads no shards through workers"
+                        for k in ("shuffle_buffer", "pin_memory")})
+        if not self.knn.enabled:
+            out.update({f"knn.{k}": "knn.enabled=false" for k in ("bank", "query", "bank_size", "query_size", "k",
+                                                                  "temperature")})
+        if m.mask_type == "random" or (m.mask_type is None and m.objective == "mae"):
+            out.update({f"model.{k}": "random masks have no blocks (model.mask_type=block)"
+                        for k in ("mask_min_block", "mask_max_block")})
+        return out
 
 
 __all__ = ["PretrainConfig", "ModelConfig", "DataConfig", "VisConfig", "KnnConfig", "HogConfig", "Data2VecConfig"]

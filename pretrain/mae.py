@@ -4,11 +4,12 @@
     accelerate launch pretrain/mae.py pretrain/configs/cifar10.yaml data.train=/data/cifar10-wds
     accelerate launch --config_file launch/accelerate/zero2.yaml pretrain/mae.py pretrain/configs/in1k_vit_base.yaml
 
-config -> model -> loader -> step function -> the shared loop (`launch/loop.py`) -> export. Re-running the same
-command resumes from the newest complete checkpoint in `run.output_dir` (model, optimizer, GradScaler, RNG states and
-the data-stream position). SIGTERM/SIGUSR1 save a checkpoint at the next step boundary and exit 0. Writes
-RUN_DIR/{config.yaml, metrics.jsonl, checkpoints/, reconstructions/, reconstructions.png,
-encoder.safetensors (timm key names), mae.safetensors (full MAE, our key names)}.
+config -> model -> loader -> step function -> the shared loop (`launch/loop.py`) -> export; the run around it (start-up,
+checkpoints, resume, run record) is `launch/session.py`'s. Re-running the same command resumes from the newest complete
+checkpoint in `run.output_dir` (model, optimizer, GradScaler, RNG states, the data-stream position, data2vec's
+teacher). SIGTERM/SIGUSR1 save a checkpoint at the next step boundary and exit 0. Writes RUN_DIR/{config.yaml,
+run.json, metrics.jsonl, checkpoints/, reconstructions/, reconstructions.png, encoder.safetensors (timm key names),
+mae.safetensors (full MAE, our key names)}.
 
 `model.objective` picks what is learned (models/objectives.py): `mae` (default), `simmim` or `data2vec`;
 `model.target` pixels or hog for mae and simmim. Every objective exports encoder.safetensors (a timm ViT); the full
@@ -24,42 +25,35 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from accelerate.utils import DistributedType, set_seed
 from safetensors.torch import save_file
 
+from core.errors import ConfigError
 from data.device_dataset import build_device_loader
 from data.device_input import device_batches
 from data.first_images import first_images
 from data.info import DatasetError, resolve
+from data.norm_stats import norm_stats
+from data.synthetic import SyntheticLoader
 from data.train_stream import build_train_loader
-from data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, pretrain_transform, uint8_output
-from launch.accel import build_accelerator, configure_deepspeed, input_dtype, zero_stage
-from launch.checkpoint import ResumeMismatch, export_state_dict, frozen_parameters, model_fingerprint
-from launch.config import ConfigError, parse_cli
+from data.transforms import eval_transform, pretrain_transform, uint8_output
+from launch import run_files
+from launch.checkpoint import export_state_dict, frozen_parameters, model_fingerprint
+from launch.config import parse_cli
+from launch.corrupt_count import CorruptCount
 from launch.errors import cli
-from launch.knn_monitor import build_knn_monitor
-from launch.loop import Hook, NonFiniteLossError, TrainLoop
+from launch.knn_monitor import build_knn_monitor, neighbour_split
+from launch.loop import Hook, TrainLoop
 from launch.param_groups import build_adamw, param_groups
-from launch.sections import resolve_batch
-from launch.session import open_session
+from launch.session import Runtime, Session, start_run
 from launch.warm_start import set_layer_norm_eps, warm_start
 from models.compile import compile_blocks, compile_enabled
 from models.convert import save_encoder, to_encoder_state_dict
 from models.data2vec import EmaTeacher
-from models.objectives import create_pretrainer, predicts_pixels, pretrain_flops_per_image, weights_name
+from models.objectives import create_pretrainer, predicts_pixels, pretrain_flops_per_image
 from pictures.recon_grid import save_reconstruction_grid
 from pretrain.config import PretrainConfig
 
 PROG = "pretrain/mae.py"
-REPO = Path(__file__).resolve().parents[1]
-
-
-def local_spec(spec: str) -> str:
-    """Relative dataset folders are tried from the current directory, then from the repository root."""
-    head = spec.split(":")[0]
-    if spec and not Path(head).exists() and (REPO / head).exists():
-        return str(REPO / spec)
-    return spec
 
 
 def build_model(cfg: PretrainConfig):
@@ -92,23 +86,20 @@ def build_teacher(cfg: PretrainConfig, model) -> EmaTeacher | None:
 
 
 def with_dataset_defaults(cfg: PretrainConfig, say: bool = True) -> PretrainConfig:
-    """The config with `model.in_chans` and `data.mean`/`data.std` filled in where None: from the training split's
-    dataset.json (`channels`, `mean`, `std`, written by data/make_shards.py), else 3 channels and ImageNet's
-    statistics (0.5 for other channel counts, said in a note). `build_model` gives the model `model.in_chans`."""
+    """The config with the objective's defaults (`ModelConfig.resolved`), `model.in_chans` and `data.mean`/`data.std`
+    filled in where None: from the training split's dataset.json (`channels`, `mean`, `std`, written by
+    data/make_shards.py), else 3 channels and `data/norm_stats.py`'s fallback. What config.yaml records."""
     try:
-        meta = resolve(local_spec(cfg.data.train)).meta or {}
+        meta = resolve(cfg.data.train).meta or {}
     except DatasetError as exc:
         raise ConfigError(f"data.train: {exc}") from None
-    m, d = cfg.model, cfg.data
+    m, d = cfg.model.resolved(), cfg.data
     chans = int(m.in_chans or m.overrides.get("in_chans") or meta.get("channels") or 3)
-    stats = meta if meta.get("channels") == chans and meta.get("mean") and meta.get("std") else {}
-    default_mean, default_std = (IMAGENET_MEAN, IMAGENET_STD) if chans == 3 else ((0.5,) * chans, (0.5,) * chans)
-    mean = tuple(d.mean or stats.get("mean") or default_mean)
-    std = tuple(d.std or stats.get("std") or default_std)
+    mean, std, source = norm_stats(d.mean, d.std, meta, chans)
     for key, values in (("data.mean", mean), ("data.std", std)):
         if len(values) != chans:
             raise ConfigError(f"{key} has {len(values)} values but the images have {chans} channels (model.in_chans)")
-    if say and chans != 3 and not (d.mean or stats):
+    if say and source == "0.5":
         print(f"note: no per-channel statistics for {cfg.data.train} in dataset.json (write the shards with "
               f"data/make_shards.py); normalising with mean 0.5, std 0.5", flush=True)
     vis = cfg.vis
@@ -129,48 +120,37 @@ def train_transform(cfg: PretrainConfig, output: str = "float"):
                               output=output)
 
 
-def build_loader(cfg: PretrainConfig, micro: int, accelerator, info):
-    """The training loader: shards through worker processes (`data.loader=stream`), or the whole split on the
-    device as uint8 (`data.loader=device`, CIFAR-scale data; crop and flip on the device)."""
-    d, rank, world = cfg.data, accelerator.process_index, accelerator.num_processes
+def build_loader(cfg: PretrainConfig, rt: Runtime, info):
+    """The training loader: shards through worker processes (`data.loader=stream`), the whole split on the device as
+    uint8 (`device`, CIFAR-scale data; crop and flip on the device), or random images (`synthetic`, no I/O)."""
+    d = cfg.data
+    if d.loader == "synthetic":
+        return SyntheticLoader(batch_size=rt.micro_batch, channels=cfg.model.in_chans, img_size=cfg.model.img_size,
+                               num_classes=info.num_classes or 10, seed=cfg.run.seed, rank=rt.rank)
     if d.loader == "device":
         if d.augment == "none" or cfg.model.in_chans != 3:
             raise ConfigError("data.loader=device crops 8-bit RGB images on the device: it needs data.augment=crop "
                               "and 3 channels")
-        return build_device_loader(local_spec(d.train), batch_size=micro, img_size=cfg.model.img_size,
-                                   device=accelerator.device, seed=cfg.run.seed, rank=rank, world_size=world,
+        return build_device_loader(d.train, batch_size=rt.micro_batch, img_size=cfg.model.img_size,
+                                   device=rt.device, seed=cfg.run.seed, rank=rt.rank, world_size=rt.world,
                                    scale=tuple(d.crop_scale), hflip=d.hflip)
-    pin = d.pin_memory if d.pin_memory is not None else accelerator.device.type == "cuda"
     kwargs = {} if d.shuffle_buffer is None else {"shuffle_buffer": d.shuffle_buffer}
-    return build_train_loader(local_spec(d.train), batch_size=micro,
+    pin = d.pin_memory if d.pin_memory is not None else rt.device.type == "cuda"
+    return build_train_loader(d.train, batch_size=rt.micro_batch,
                               transform=train_transform(cfg, uint8_output(info.meta, cfg.model.in_chans)),
-                              seed=cfg.run.seed, rank=rank, world_size=world, num_workers=d.num_workers,
+                              seed=cfg.run.seed, rank=rt.rank, world_size=rt.world, num_workers=d.num_workers,
                               pin_memory=pin, **kwargs)
 
 
-def recon_spec(cfg: PretrainConfig) -> str:
-    """The grid's images: `data.recon`, else a val/test split next to the train split, else train."""
-    if cfg.data.recon:
-        return local_spec(cfg.data.recon)
-    train = local_spec(cfg.data.train)
-    folder = train.rsplit(":", 1)[0] if ":" in train and Path(train.rsplit(":", 1)[0]).is_dir() else train
-    if Path(folder).is_dir():
-        for split in ("val", "test"):
-            try:
-                resolve(f"{folder}:{split}")
-                return f"{folder}:{split}"
-            except Exception:  # no such split: try the next
-                continue
-    return train
-
-
 def fixed_images(cfg: PretrainConfig, device) -> torch.Tensor | None:
-    """The first `vis.num_images` images of the recon split, normalised, deterministic (eval transform)."""
+    """The first `vis.num_images` images of `vis.images` (else the val/test split next to data.train, else
+    data.train), normalised, deterministic (eval transform)."""
     n = cfg.vis.num_images
     if n == 0:
         return None
     tf = eval_transform(cfg.model.img_size, cfg.data.mean, cfg.data.std, crop_pct=1.0)
-    images = first_images(recon_spec(cfg), n, tf)  # reads only the shard(s) holding them (remote data too)
+    spec = cfg.vis.images or neighbour_split(cfg.data.train) or cfg.data.train
+    images = first_images(spec, n, tf)  # reads only the shard(s) holding them (remote data too)
     return None if images is None else images.to(device)
 
 
@@ -182,12 +162,10 @@ def grid(model, images, path: Path, cfg: PretrainConfig) -> None:
     model.train(was_training)
 
 
-def summary(cfg, accelerator, model, info, micro, global_batch, peak_lr, start_step) -> str:
+def summary(cfg, rt: Runtime, model, info, peak_lr, flops, start_step) -> str:
     n_params = sum(p.numel() for p in model.parameters())
     n_enc = sum(p.numel() for p in model.encoder.parameters())
-    flops = pretrain_flops_per_image(model, cfg.data2vec.top_k if cfg.model.objective == "data2vec" else None)
-    stage = zero_stage(accelerator)
-    images = cfg.run.steps * global_batch
+    images = cfg.run.steps * rt.global_batch
     epochs = f" = {images / info.num_samples:.2f} epochs" if info.num_samples else ""
     return "\n".join([
         f"model       {cfg.model.name}: {n_params / 1e6:.2f}M parameters ({n_enc / 1e6:.2f}M encoder), "
@@ -196,169 +174,146 @@ def summary(cfg, accelerator, model, info, micro, global_batch, peak_lr, start_s
         + (f", target {cfg.model.target}" if cfg.model.target else ""),
         f"FLOPs/image forward {flops['forward'] / 1e9:.3f} G, train {flops['train'] / 1e9:.3f} G",
         f"data        {cfg.data.train}: {info.num_samples if info.num_samples is not None else 'unknown'} images, "
-        f"{len(info.urls)} shards",
-        f"batch       micro {micro}/process x {accelerator.num_processes} processes x "
-        f"{cfg.optim.grad_accum_steps} accumulation = global {global_batch}",
+        f"{len(info.urls)} shards ({cfg.data.loader} loader)",
+        f"batch       micro {rt.micro_batch}/process x {rt.world} processes x {rt.accum} accumulation = global "
+        f"{rt.global_batch}",
         f"schedule    {cfg.run.steps} steps ({images} images{epochs}), peak lr {peak_lr:.3g} "
-        f"(blr {cfg.optim.blr:g} x {global_batch}/256{' overridden' if cfg.optim.lr is not None else ''}), "
+        f"(blr {cfg.optim.blr:g} x {rt.global_batch}/256{' overridden' if cfg.optim.lr is not None else ''}), "
         f"warmup {cfg.optim.warmup_steps}, min_lr {cfg.optim.min_lr:g}, wd {cfg.optim.weight_decay}",
-        f"runtime     {accelerator.distributed_type.value}, world size {accelerator.num_processes}, device "
-        f"{accelerator.device}, precision {accelerator.mixed_precision}, DeepSpeed ZeRO stage "
-        f"{stage if stage is not None else '-'}",
+        f"runtime     {rt.accelerator.distributed_type.value}, world size {rt.world}, device {rt.device}, precision "
+        f"{rt.accelerator.mixed_precision}, DeepSpeed ZeRO stage {rt.zero_stage if rt.zero_stage is not None else '-'}",
         f"run dir     {cfg.run.output_dir}" + (f" (resuming at step {start_step})" if start_step else ""),
     ])
 
 
-def knn_hook(cfg: PretrainConfig, accelerator, raw_model) -> list[Hook]:
-    """The k-NN monitor as a loop hook (every `knn.every` steps and at the end, in the step's metrics record), or
-    none: `knn.enabled=false`, or no labelled bank/query split (said in one line)."""
+def knn_hook(cfg: PretrainConfig, rt: Runtime, raw_model) -> list[Hook]:
+    """The k-NN monitor as a loop hook (every `run.eval_every` steps and at the end, in the step's metrics record),
+    or none: `knn.enabled=false`, or no labelled bank/query split (said in one line)."""
     if not cfg.knn.enabled:
         return []
     k = cfg.knn
     monitor, note = build_knn_monitor(
-        bank=local_spec(k.bank) if k.bank else None, query=local_spec(k.query) if k.query else None,
-        train=local_spec(cfg.data.train), accelerator=accelerator, encoder=lambda: raw_model.encoder,
-        img_size=cfg.model.img_size, mean=cfg.data.mean, std=cfg.data.std, bank_size=k.bank_size,
-        query_size=k.query_size, batch_size=k.batch_size, num_workers=cfg.data.num_workers,
-        dtype=input_dtype(accelerator), k=k.k, temperature=k.temperature, pool=k.pool)
-    if accelerator.is_main_process:
-        print(note, flush=True)
-    return [Hook(k.every, monitor, at_end=True, merge=True)] if monitor is not None else []
+        bank=k.bank, query=k.query, train=cfg.data.train, accelerator=rt.accelerator,
+        encoder=lambda: raw_model.encoder, img_size=cfg.model.img_size, mean=cfg.data.mean, std=cfg.data.std,
+        bank_size=k.bank_size, query_size=k.query_size, batch_size=cfg.data.eval_batch,
+        num_workers=cfg.data.num_workers if cfg.data.loader == "stream" else 0, dtype=rt.dtype, k=k.k,
+        temperature=k.temperature, pool=cfg.model.pool)
+    rt.say(note)
+    return [Hook(cfg.run.eval_every, monitor, at_end=True, merge=True)] if monitor is not None else []
 
 
-def train(cfg: PretrainConfig) -> dict:
-    """Pretrain; returns a small summary dict (final step, last logged loss, paths)."""
-    cfg = replace(cfg, model=cfg.model.resolved())  # the objective's defaults, as config.yaml records them
-    accelerator = build_accelerator(cfg.run, cfg.optim)
-    cfg = with_dataset_defaults(cfg, accelerator.is_main_process)  # in_chans, mean/std: the run records them
-    device, is_main, accum = accelerator.device, accelerator.is_main_process, cfg.optim.grad_accum_steps
-    micro, global_batch = resolve_batch(cfg.data.micro_batch, cfg.data.global_batch, accelerator.num_processes, accum)
-    configure_deepspeed(accelerator, micro, cfg.optim)
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-
-    set_seed(cfg.run.seed)  # identical initial weights on every rank
+def build(cfg: PretrainConfig, rt: Runtime):
+    """The model (warm-started when asked), data2vec's teacher, and what the run records of the model before
+    `prepare`: its shape fingerprint and the fp32 frozen tables."""
     model = build_model(cfg)
     if cfg.model.layer_norm_eps is not None:
         set_layer_norm_eps(model, cfg.model.layer_norm_eps)
     if cfg.model.init_from:  # continued pretraining: starting weights, fresh optimizer and schedule
-        note = warm_start(model, local_spec(cfg.model.init_from), cfg.model.layer_norm_eps)
-        if accelerator.is_main_process:
-            print(note, flush=True)
+        rt.say(warm_start(model, cfg.model.init_from, cfg.model.layer_norm_eps))
     teacher = build_teacher(cfg, model)  # data2vec: the EMA teacher, built before compile and prepare
-    if teacher is not None and zero_stage(accelerator) == 3:
+    if teacher is not None and rt.zero_stage == 3:
         raise ConfigError("model.objective=data2vec needs whole parameters on every rank for its EMA teacher; "
                           "use DDP or ZeRO-2 (launch/accelerate/zero2.yaml), not ZeRO-3")
     fingerprint = model_fingerprint(model)
     frozen = frozen_parameters(model)  # fp32 sin-cos tables (DeepSpeed bf16 keeps no fp32 copy of frozen tensors)
-    info = resolve(local_spec(cfg.data.train))
-    peak_lr = cfg.optim.peak_lr(global_batch)
     optimizer = build_adamw(param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay), cfg.optim,
-                            deepspeed=deepspeed)
-    if compile_enabled(cfg.run.compile, device):
+                            deepspeed=rt.deepspeed)
+    if compile_enabled(cfg.run.compile, rt.device):
         compile_blocks(model)  # regional: each transformer block, a short cold start
-    model, optimizer = accelerator.prepare(model, optimizer)
-    raw_model = accelerator.unwrap_model(model)
-    if teacher is not None:  # in every checkpoint, so a resume continues the same teacher
-        teacher.to(device)
-        accelerator.register_for_checkpointing(teacher)
+    model, optimizer = rt.accelerator.prepare(model, optimizer)
+    if teacher is not None:
+        teacher.to(rt.device)
+    return model, optimizer, teacher, fingerprint, frozen
 
-    session = open_session(accelerator, cfg, fingerprint=fingerprint, name="pretrain")
-    state = session.state
-    if not session.resumed:  # per-rank masking noise; on resume the RNG states come from the checkpoint
-        set_seed(cfg.run.seed + accelerator.process_index)
-    if is_main:
-        print(summary(cfg, accelerator, raw_model, info, micro, global_batch, peak_lr, session.start_step), flush=True)
 
-    loader = build_loader(cfg, micro, accelerator, info)
-    if session.resumed:
-        loader.load_state_dict({**state.get("loader", {}), "batches": session.start_step * accum})
-    with torch.random.fork_rng(devices=[]):  # reading the grid's images must not move the training RNG
-        pictures = is_main and zero_stage(accelerator) != 3 and predicts_pixels(raw_model)
-        vis_images = fixed_images(cfg, device) if pictures else None
-
-    knn = knn_hook(cfg, accelerator, raw_model)
-    corrupt = {"base": int(state.get("n_corrupt", 0)), "rank": 0}  # the loader's running count on this rank
-
-    def step_fn(batch: dict) -> torch.Tensor:
-        corrupt["rank"] = batch.get("n_corrupt", 0)
-        if teacher is None:
-            loss, _, _ = model(batch["image"])
-        else:  # data2vec: the teacher's targets from the whole image, no gradient
-            loss, _, _ = model(batch["image"], teacher.targets(batch["image"]))
-        return loss
-
-    def n_corrupt() -> int:  # log and save steps only: an all-reduce and a host read
-        here = torch.tensor(float(corrupt["rank"]), device=device)
-        return corrupt["base"] + int(accelerator.reduce(here, reduction="sum").item())
-
-    def log_extra(step: int) -> dict:
-        out = {"n_corrupt": n_corrupt(), "batches": step * accum}
-        if info.num_samples:
-            out["epoch"] = step * global_batch / info.num_samples
+def train(cfg: PretrainConfig) -> dict:
+    """Pretrain; returns a small summary dict (final step, last logged loss, paths)."""
+    rt = start_run(cfg.run, cfg.optim, micro=cfg.data.micro_batch, global_=cfg.data.global_batch)
+    cfg = with_dataset_defaults(cfg, rt.is_main)  # objective defaults, in_chans, mean/std: the run records them
+    model, optimizer, teacher, fingerprint, frozen = build(cfg, rt)
+    raw = rt.accelerator.unwrap_model(model)
+    info = resolve(cfg.data.train)
+    peak_lr = cfg.optim.peak_lr(rt.global_batch)
+    flops = pretrain_flops_per_image(raw, cfg.data2vec.top_k if cfg.model.objective == "data2vec" else None)
+    record = {"peak_lr": peak_lr, "flops_per_image": flops["train"], "data": cfg.data.train}
+    with Session(rt, cfg, name="pretrain", fingerprint=fingerprint, record=record) as session:
         if teacher is not None:
-            out["teacher_decay"] = teacher.decay_at(step)
-        return out
+            session.register("teacher", teacher)
+        corrupt = CorruptCount(rt.accelerator)
+        session.register("corrupt", corrupt)
+        loader = build_loader(cfg, rt, info)
+        session.register_loader(loader)
+        start = session.begin()
+        rt.say(summary(cfg, rt, raw, info, peak_lr, flops, start))
+        with torch.random.fork_rng(devices=[]):  # reading the grid's images must not move the training RNG
+            pictures = rt.is_main and rt.zero_stage != 3 and predicts_pixels(raw)
+            vis_images = fixed_images(cfg, rt.device) if pictures else None
 
-    def save(step: int, loop_state: dict):
-        return session.ckpt.save(step, {**loop_state, "n_corrupt": n_corrupt(), "config": session.config,
-                                        "fingerprint": fingerprint,
-                                        "loader": {**loader.state_dict(), "batches": step * accum}})
+        def step_fn(batch: dict) -> torch.Tensor:
+            corrupt.update(batch)
+            if teacher is None:
+                return model(batch["image"])[0]
+            return model(batch["image"], teacher.targets(batch["image"]))[0]  # data2vec: targets from the whole image
 
-    def picture(step: int) -> None:
-        if vis_images is not None:
-            grid(raw_model, vis_images.to(input_dtype(accelerator)),
-                 session.run_dir / "reconstructions" / f"step_{step:06d}.png", cfg)
+        def log_extra(step: int) -> dict:  # log steps only: an all-reduce and a host read
+            out = {"n_corrupt": corrupt.total(), "batches": step * rt.accum}
+            if info.num_samples:
+                out["epoch"] = step * rt.global_batch / info.num_samples
+            if teacher is not None:
+                out["teacher_decay"] = teacher.decay_at(step)
+            return out
 
-    loop = TrainLoop(
-        accelerator=accelerator, model=model, optimizer=optimizer, step_fn=step_fn,
-        batches=device_batches(loader, device, mean=cfg.data.mean, std=cfg.data.std, dtype=input_dtype(accelerator),
-                               pin_memory=cfg.data.pin_memory, prefetch=cfg.data.prefetch),
-        run=cfg.run, optim=cfg.optim, peak_lr=peak_lr, global_batch=global_batch, metrics=session.metrics,
-        save=save, hooks=[Hook(cfg.vis.every, picture), *knn], log_extra=log_extra, desc="pretrain",
-        after_update=(lambda step: teacher.update(raw_model.encoder, step)) if teacher is not None else None)
-    result = loop.fit(session.start_step, state)
-    out = {"step": result.step, "loss": result.loss, "run_dir": str(session.run_dir), "stopped_by": result.stopped_by}
-    if result.stopped_by:
-        if is_main:
-            print(f"stopped by {result.stopped_by} at step {result.step}; checkpoint saved in {result.checkpoint}. "
-                  f"Re-run the same command to resume.", flush=True)
-        session.close()
-        return out
+        def picture(step: int) -> None:
+            if vis_images is not None and step < cfg.run.steps:  # the final grid comes from the exported weights
+                grid(raw, vis_images.to(rt.dtype), session.run_dir / run_files.RECONSTRUCTION_STEPS
+                     / f"step_{step:06d}.png", cfg)
 
-    final = export_state_dict(accelerator, model, result.checkpoint, frozen=frozen)
-    if is_main:
-        run_dir = session.run_dir
-        weights = run_dir / weights_name(cfg.model.objective)  # mae/simmim/data2vec.safetensors
+        batches = device_batches(loader, rt.device, mean=cfg.data.mean, std=cfg.data.std, dtype=rt.dtype,
+                                 pin_memory=cfg.data.pin_memory, prefetch=cfg.data.prefetch)
+        result = TrainLoop(session, model, optimizer, step_fn, batches, peak_lr,
+                           hooks=[Hook(cfg.run.eval_every, picture), *knn_hook(cfg, rt, raw)], log_extra=log_extra,
+                           desc="pretrain", flops_per_image=flops["train"],
+                           after_update=(lambda step: teacher.update(raw.encoder, step)) if teacher else None).fit()
+        if result.stopped_by:
+            return session.stopped(result)
+        return export(cfg, rt, session, model, raw, result, frozen, teacher, vis_images)
+
+
+def export(cfg: PretrainConfig, rt: Runtime, session: Session, model, raw, result, frozen, teacher,
+           vis_images) -> dict:
+    """The run's weights (full model, encoder under timm names, data2vec's teacher) and the final reconstruction
+    grid, from the fp32 weights of the last checkpoint; the run record's end."""
+    final = export_state_dict(rt.accelerator, model, result.checkpoint, frozen=frozen)
+    run_dir = session.run_dir
+    out = {"step": result.step, "loss": result.loss, "run_dir": str(run_dir), "stopped_by": None}
+    if rt.is_main:
+        weights = run_dir / run_files.PRETRAINER[cfg.model.objective]
         save_file(final, str(weights))
-        enc_cfg = raw_model.encoder_cfg  # in the metadata: the head count is not visible in the shapes
-        save_encoder(to_encoder_state_dict(final), run_dir / "encoder.safetensors", encoder_cfg=enc_cfg)
+        enc_cfg = raw.encoder_cfg  # in the metadata: the head count is not visible in the shapes
+        save_encoder(to_encoder_state_dict(final), run_dir / run_files.ENCODER, encoder_cfg=enc_cfg)
         if teacher is not None:
-            save_encoder(teacher.encoder.state_dict(), run_dir / "teacher_encoder.safetensors", encoder_cfg=enc_cfg)
+            save_encoder(teacher.encoder.state_dict(), run_dir / run_files.TEACHER_ENCODER, encoder_cfg=enc_cfg)
         fresh = build_model(cfg)
         if predicts_pixels(fresh):
-            images = vis_images if vis_images is not None else fixed_images(cfg, device)
+            images = vis_images if vis_images is not None else fixed_images(cfg, rt.device)
             if images is not None:
                 fresh.load_state_dict(final)
-                grid(fresh.to(images.device), images, run_dir / "reconstructions.png", cfg)
+                grid(fresh.to(images.device), images, run_dir / run_files.RECONSTRUCTIONS, cfg)
         else:
             print(f"note: no reconstruction grid: model.objective={cfg.model.objective} "
                   f"predicts {cfg.model.target or 'teacher features'}, not pixels", flush=True)
         loss = "nan" if result.loss is None else f"{result.loss:.4f}"
-        print(f"done: step {result.step}, loss {loss}; weights in {run_dir / 'encoder.safetensors'} "
-              f"and {weights}", flush=True)
-        out.update(encoder=str(run_dir / "encoder.safetensors"), weights=str(weights),
+        print(f"done: step {result.step}, loss {loss}; weights in {run_dir / run_files.ENCODER} and {weights}",
+              flush=True)
+        out.update(encoder=str(run_dir / run_files.ENCODER), weights=str(weights),
                    **{cfg.model.objective: str(weights)})
-    accelerator.wait_for_everyone()
-    session.close()
+    rt.accelerator.wait_for_everyone()
+    session.finish(result.step, {"loss": result.loss})
     return out
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_cli(PretrainConfig, argv, PROG)
-    try:
-        return train(cfg)
-    except (NonFiniteLossError, ResumeMismatch) as exc:
-        raise SystemExit(f"{PROG}: {exc}") from None
+    return train(parse_cli(PretrainConfig, argv, PROG))
 
 
 if __name__ == "__main__":

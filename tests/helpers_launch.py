@@ -15,6 +15,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from conftest import TINY_MODEL
+
 from launch.metrics import read_metrics as read_metrics_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,17 +25,6 @@ ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 SAMPLE = str(ROOT / "data" / "sample")
 ENTRY = str(ROOT / "pretrain" / "mae.py")
 
-# A 2-block, 32 px, patch-8 MAE (16 patches, 4 kept): a few ms per step on one CPU core.
-TINY_MODEL = [
-    "model.name=mae_vit_tiny_patch4_dec128d2b",
-    "model.overrides.patch_size=8",
-    "model.overrides.embed_dim=32",
-    "model.overrides.depth=2",
-    "model.overrides.num_heads=2",
-    "model.overrides.decoder_embed_dim=32",
-    "model.overrides.decoder_depth=1",
-    "model.overrides.decoder_num_heads=2",
-]
 
 
 def tiny_args(run_dir, *extra: str, steps: int = 6, batch: int = 8, workers: int = 0) -> list[str]:
@@ -52,7 +43,6 @@ def tiny_args(run_dir, *extra: str, steps: int = 6, batch: int = 8, workers: int
         "run.precision=no",
         "optim.warmup_steps=2",
         "vis.num_images=2",
-        "vis.every=0",
         *extra,
     ]
 
@@ -70,6 +60,27 @@ def env(**extra: str) -> dict:
     out.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     out.update(extra)
     return out
+
+
+def launch_two(script: str, tmp: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `script` (python source) under `accelerate launch --multi_gpu --num_processes 2` on CPU (gloo)."""
+    path = tmp / "driver.py"
+    # Several entry-point mains share one launched process (saves a launch, ~10 s, each); `end_training` at the end
+    # of a main destroys the process group, so the driver keeps it for the next main and tears it down at exit.
+    path.write_text(f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+                    "import launch.metrics as _m\n"
+                    "_m.MetricsLogger.close = lambda self: [t.finish() for t in self.accelerator.trackers]\n"
+                    + script
+                    # a clean teardown: exiting with a live gloo group lets one rank abort (SIGABRT) at exit
+                    + "\nimport torch.distributed as _dist\nif _dist.is_initialized():\n"
+                      "    _dist.barrier()\n    _dist.destroy_process_group()\n")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           str(path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
 
 
 def ddp_cmd(args: list[str], port: int) -> list[str]:
@@ -123,7 +134,7 @@ def wait_for_step(proc: subprocess.Popen, step: int) -> int:
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 # no k-NN monitor and a 2-image grid: what a tiny test run does not need (size overrides, like run.steps)
-QUIET = ["run.trackers=none", "run.progress=false", "knn.enabled=false", "vis.num_images=2", "vis.every=0"]
+QUIET = ["run.trackers=none", "run.progress=false", "knn.enabled=false", "vis.num_images=2"]
 _SHARED: dict[str, Path] = {}
 
 
@@ -246,7 +257,7 @@ def downstream_cmd(script: str, run_dir, *extra: str) -> list[str]:
     encoder = pretrain_reference(1) / "encoder.safetensors"
     return [PYTHON, str(ROOT / "finetune" / script), f"encoder={encoder}", f"run.output_dir={run_dir}",
             f"run.steps={PRE_STEPS}", "run.log_every=1", f"run.save_every={PRE_STEPS}", "data.global_batch=8",
-            "data.eval_batch_size=50", "data.num_workers=1", "data.shuffle_buffer=50", "optim.warmup_steps=2",
+            "data.eval_batch=50", "data.num_workers=1", "data.shuffle_buffer=50", "optim.warmup_steps=2",
             "run.trackers=none", "run.progress=false", *extra]
 
 

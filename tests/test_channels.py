@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers_launch import TINY_MODEL
+from conftest import TINY_MODEL
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -145,7 +145,7 @@ def test_pretraining_with_1_and_4_channels(tmp_path, capsys, kind, chans):
     run = tmp_path / "run"
     mae.main([*TINY_MODEL, f"data.train={data}", "data.micro_batch=8", "data.num_workers=0", f"run.output_dir={run}",
               "run.steps=3", "run.log_every=1", "run.save_every=0", "run.trackers=none", "run.progress=false",
-              "run.precision=no", "optim.warmup_steps=1", "vis.num_images=2", "knn.batch_size=8"])
+              "run.precision=no", "optim.warmup_steps=1", "vis.num_images=2", "data.eval_batch=8"])
     enc = load_file(run / "encoder.safetensors")
     assert enc["patch_embed.proj.weight"].shape == (32, chans, 8, 8)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -161,9 +161,9 @@ def test_pretraining_with_1_and_4_channels(tmp_path, capsys, kind, chans):
 
         capsys.readouterr()
         probe = tmp_path / "probe"
-        linprobe([f"data.path={data}", f"encoder={run / 'encoder.safetensors'}", f"run.output_dir={probe}",
+        linprobe([f"data.train={data}", f"encoder={run / 'encoder.safetensors'}", f"run.output_dir={probe}",
                   "run.steps=2", "run.trackers=none", "run.progress=false", "data.num_workers=0",
-                  "data.global_batch=8", "data.eval_batch_size=8", "optim.warmup_steps=1"])
+                  "data.global_batch=8", "data.eval_batch=8", "optim.warmup_steps=1"])
         result = json.loads((probe / "eval.json").read_text())
         assert result["n_images"] == 8 and 0.0 <= result["top1"] <= 100.0  # percent
 
@@ -171,16 +171,16 @@ def test_pretraining_with_1_and_4_channels(tmp_path, capsys, kind, chans):
 def test_downstream_encoders_take_in_chans_from_their_weights(tmp_path):
     import timm
 
-    from finetune.encoder_source import resolve_encoder
+    from launch.weights import read_weights
     from models.convert import save_encoder
     from models.vit import create_encoder
 
     ours = tmp_path / "encoder.safetensors"
     save_encoder(create_encoder(img_size=32, patch_size=8, in_chans=4, embed_dim=32, depth=2, num_heads=2).state_dict(),
                  ours)
-    assert resolve_encoder(str(ours), num_heads=2).encoder_cfg["in_chans"] == 4
+    assert read_weights(str(ours), num_heads=2).encoder_cfg["in_chans"] == 4
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, in_chans=1)
     torch.save(vit.state_dict(), tmp_path / "timm_gray.pth")
-    source = resolve_encoder("timm:vit_tiny_patch16_224", weights=str(tmp_path / "timm_gray.pth"))
+    source = read_weights("timm:vit_tiny_patch16_224", weights=str(tmp_path / "timm_gray.pth"))
     assert source.encoder_cfg["in_chans"] == 1
     create_encoder(**source.encoder_cfg).load_state_dict(source.state_dict)  # builds and loads as a 1-channel ViT

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from test_linprobe import COMMON, N_TEST, TINY_ENC, make_tiny_dataset, make_tiny_encoder
+from conftest import DOWNSTREAM, N_TEST, TINY_ENC
 
 
 def test_topk_hand_worked():
@@ -32,38 +32,34 @@ def test_topk_hand_worked():
         meter.update(logits[:1], torch.tensor([-1]), valid=torch.tensor([True]))
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    base = tmp_path_factory.mktemp("ev")
-    return {"data": make_tiny_dataset(base / "data"),
-            "encoder": make_tiny_encoder(base / "enc" / "encoder.safetensors"), "base": base}
-
-
 def test_saved_classifier_reloads_with_same_predictions(tmp_path):
-    from finetune.classifier_io import load_classifier, save_classifier
+    from core.errors import WeightsError
+    from finetune.export import save_classifier
+    from launch.weights import classifier_model, read_weights
     from models.classifier import create_classifier
+
+    def load_classifier(path):
+        w = read_weights(str(path), want="classifier")
+        return classifier_model(w), w.meta
 
     torch.manual_seed(0)
     model = create_classifier(TINY_ENC, 4, global_pool="avg").eval()
     torch.nn.init.normal_(model.head.weight)
-    meta = {"kind": "vit", "encoder_cfg": TINY_ENC, "num_classes": 4, "global_pool": "avg", "img_size": 32,
+    meta = {"kind": "vit", "encoder_cfg": TINY_ENC, "num_classes": 4, "pool": "avg", "img_size": 32,
             "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0}
     save_classifier(model.state_dict(), tmp_path / "classifier_last.safetensors", meta)
     again, got_meta = load_classifier(tmp_path)  # a directory means its best/last weights
     x = torch.randn(5, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), again(x))
-    assert got_meta["global_pool"] == "avg" and not again.training
+    assert got_meta["pool"] == "avg" and not again.training
     # a classifier.json that does not fit the weights: an error naming the keys
     (tmp_path / "classifier.json").write_text(json.dumps({**meta, "encoder_cfg": {**TINY_ENC, "depth": 3}}))
-    from launch.config import ConfigError
-
-    with pytest.raises(ConfigError, match=r"missing \['blocks\.2\."):
+    with pytest.raises(WeightsError, match=r"blocks\.2\."):
         load_classifier(tmp_path / "classifier_last.safetensors")
     (tmp_path / "classifier.json").write_text(json.dumps({**meta, "encoder_cfg": {**TINY_ENC, "embed_dim": 64,
                                                                                   "num_heads": 2}}))
-    mismatch = r"shape mismatches: .*blocks\.0\.attn\.qkv\.weight: checkpoint \(96, 32\) vs model \(192, 64\)"
-    with pytest.raises(ConfigError, match=mismatch):
+    with pytest.raises(WeightsError, match=r"blocks\.0\.attn\.qkv\.weight"):
         load_classifier(tmp_path / "classifier_last.safetensors")
 
 
@@ -72,14 +68,14 @@ def test_evaluate_matches_finetune_and_probe_runs(tiny):
     from finetune.evaluate import main as evaluate
     from finetune.linprobe import main as linprobe
 
-    common = [f"data.path={tiny['data']}", f"encoder={tiny['encoder']}", *COMMON, "optim.warmup_steps=1"]
+    common = [f"data.train={tiny['data']}", f"encoder={tiny['encoder']}", *DOWNSTREAM, "optim.warmup_steps=1"]
     ft, lp = tiny["base"] / "ft", tiny["base"] / "lp"
-    finetune(common + [f"run.output_dir={ft}", "run.steps=2", "eval_every=0", "run.save_every=0"])
+    finetune(common + [f"run.output_dir={ft}", "run.steps=2", "run.eval_every=0", "run.save_every=0"])
     linprobe(common + [f"run.output_dir={lp}", "run.steps=6"])
     for run in (ft, lp):
         ev = json.loads((run / "eval.json").read_text())
-        out = evaluate([f"checkpoint={run / 'classifier_last.safetensors'}", f"data={tiny['data']}:test",
-                        "num_workers=0", "batch_size=5", "progress=false"])
+        out = evaluate([f"checkpoint={run / 'classifier_last.safetensors'}", f"data.test={tiny['data']}:test",
+                        "data.num_workers=0", "data.eval_batch=5", "run.progress=false"])
         assert out["n_images"] == N_TEST == ev["n_images"]
         assert out["top1"] == pytest.approx(ev["top1"]) and out["top5"] == pytest.approx(ev["top5"])
         assert out["loss"] == pytest.approx(ev["loss"], rel=1e-4)
@@ -90,10 +86,11 @@ def test_evaluate_matches_finetune_and_probe_runs(tiny):
     import subprocess
     import sys
 
-    from test_linprobe import ROOT
+    from helpers_launch import ROOT
 
     proc = subprocess.run([sys.executable, str(ROOT / "finetune" / "evaluate.py"), f"checkpoint={ft}",
-                           f"data={tiny['data']}:test", "num_workers=0", "progress=false", f"output={ft / 'cli.json'}"],
+                           f"data.test={tiny['data']}:test", "data.num_workers=0", "run.progress=false",
+                           f"output={ft / 'cli.json'}"],
                           cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -103,18 +100,20 @@ def test_evaluate_matches_finetune_and_probe_runs(tiny):
 
 
 def test_evaluate_errors(tiny):
+    from core.errors import UserError
     from finetune.classify import main as finetune
     from finetune.evaluate import main as evaluate
     from launch.config import ConfigError
 
     run = tiny["base"] / "ft_err"
-    finetune([f"data.path={tiny['data']}", f"encoder={tiny['encoder']}", *COMMON, f"run.output_dir={run}",
-              "run.steps=1", "eval_every=0", "run.save_every=0", "optim.warmup_steps=0"])
+    finetune([f"data.train={tiny['data']}", f"encoder={tiny['encoder']}", *DOWNSTREAM, f"run.output_dir={run}",
+              "run.steps=1", "run.eval_every=0", "run.save_every=0", "optim.warmup_steps=0"])
     with pytest.raises(ConfigError, match="no labels"):
-        evaluate([f"checkpoint={run}", f"data={tiny['data']}:nolabels", "num_workers=0", "progress=false"])
-    with pytest.raises(ConfigError, match="not found"):
-        evaluate([f"checkpoint={run / 'nope.safetensors'}", f"data={tiny['data']}:test"])
-    from finetune.classifier_io import save_classifier
+        evaluate([f"checkpoint={run}", f"data.test={tiny['data']}:nolabels", "data.num_workers=0",
+                  "run.progress=false"])
+    with pytest.raises(UserError, match="no such file"):
+        evaluate([f"checkpoint={run / 'nope.safetensors'}", f"data.test={tiny['data']}:test"])
+    from finetune.export import save_classifier
     from models.classifier import create_classifier
 
     four = tiny["base"] / "four"  # a 4-class classifier against the 3-class split
@@ -122,7 +121,7 @@ def test_evaluate_errors(tiny):
                     {"kind": "vit", "encoder_cfg": TINY_ENC, "num_classes": 4, "img_size": 32, "mean": [0.5] * 3,
                      "std": [0.5] * 3})
     with pytest.raises(ConfigError, match="4 classes but .* has 3"):
-        evaluate([f"checkpoint={four}", f"data={tiny['data']}:test", "num_workers=0", "progress=false"])
+        evaluate([f"checkpoint={four}", f"data.test={tiny['data']}:test", "data.num_workers=0", "run.progress=false"])
 
 
 def test_evaluate_counts_undecodable_images(tiny, tmp_path, capsys):
@@ -148,10 +147,10 @@ def test_evaluate_counts_undecodable_images(tiny, tmp_path, capsys):
             member.size = len(data)
             tar.addfile(member, io.BytesIO(data))
     run = tiny["base"] / "ft_corrupt"
-    finetune([f"data.path={tiny['data']}", f"encoder={tiny['encoder']}", *COMMON, "optim.warmup_steps=1",
-              f"run.output_dir={run}", "run.steps=1", "eval_every=0", "run.save_every=0"])
+    finetune([f"data.train={tiny['data']}", f"encoder={tiny['encoder']}", *DOWNSTREAM, "optim.warmup_steps=1",
+              f"run.output_dir={run}", "run.steps=1", "run.eval_every=0", "run.save_every=0"])
     capsys.readouterr()
-    out = evaluate([f"checkpoint={run}", f"data={broken}:test", "num_workers=0", "progress=false"])
+    out = evaluate([f"checkpoint={run}", f"data.test={broken}:test", "data.num_workers=0", "run.progress=false"])
     assert out["n_corrupt"] == 1 and out["n_images"] == N_TEST - 1
     written = json.loads(next(run.glob("eval-*-test.json")).read_text())
     assert written["n_corrupt"] == 1

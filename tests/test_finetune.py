@@ -8,36 +8,32 @@ import shutil
 
 import pytest
 import torch
+from conftest import N_TEST, TINY_ENC
+from helpers_launch import launch_two
 from safetensors.torch import load_file
-from test_linprobe import N_TEST, TINY_ENC, launch_two, make_tiny_dataset, make_tiny_encoder
 
-FT = ["run.trackers=none", "run.progress=false", "data.num_workers=0", "data.global_batch=8", "data.eval_batch_size=4",
+FT = ["run.trackers=none", "run.progress=false", "data.num_workers=0", "data.global_batch=8", "data.eval_batch=4",
       "run.log_every=2", "optim.warmup_steps=1", "model.drop_path_rate=0.1"]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    base = tmp_path_factory.mktemp("ft")
-    return {"data": make_tiny_dataset(base / "data"),
-            "encoder": make_tiny_encoder(base / "enc" / "encoder.safetensors"), "base": base}
-
-
 def _args(tiny, run, *extra):
-    return [f"data.path={tiny['data']}", f"encoder={tiny['encoder']}", f"run.output_dir={run}", *FT, *extra]
+    return [f"data.train={tiny['data']}", f"encoder={tiny['encoder']}", f"run.output_dir={run}", *FT, *extra]
 
 
 def test_classifier_gets_encoder_weights_head_init_and_layer_decay(tiny):
     from finetune.classify import build_classifier, build_criterion
     from finetune.config import FinetuneConfig
-    from finetune.encoder_source import resolve_encoder
+    from finetune.downstream import resolve_downstream
     from launch.config import load_config
     from launch.param_groups import param_groups
     from models.convert import load_state_dict
 
-    cfg = load_config(FinetuneConfig, ["model.global_pool=avg", "model.head_init_std=0.02"])
-    src = resolve_encoder(str(tiny["encoder"]))
-    assert src.encoder_cfg == {**TINY_ENC, "num_heads": 2}  # heads from the safetensors metadata
-    model, enc_cfg, report = build_classifier(src, cfg, 3)
+    cfg = load_config(FinetuneConfig, [f"data.train={tiny['data']}", f"encoder={tiny['encoder']}", "model.pool=avg",
+                                       "model.head_init_std=0.02"])
+    ds = resolve_downstream(cfg)
+    assert ds.source.encoder_cfg == {**TINY_ENC, "num_heads": 2}  # heads from the safetensors metadata
+    assert ds.num_classes == 3 and ds.test_spec.endswith(":test")  # data.test: the split next to data.train
+    model, enc_cfg, report = build_classifier(ds, cfg)
     sd = load_state_dict(str(tiny["encoder"]))
     torch.testing.assert_close(model.blocks[1].mlp.fc2.weight, sd["blocks.1.mlp.fc2.weight"])
     assert model.fc_norm.weight.shape == (32,) and model.head.out_features == 3
@@ -62,13 +58,13 @@ def test_finetune_end_to_end_avg_pool_mixup_ema(tiny):
     from finetune.classify import main
 
     run = tiny["base"] / "ft1"
-    out = main(_args(tiny, run, "run.steps=4", "eval_every=2", "model.global_pool=avg", "ema.enabled=true",
+    out = main(_args(tiny, run, "run.steps=4", "run.eval_every=2", "model.pool=avg", "ema.enabled=true",
                      "ema.decay=0.5", "run.save_every=0"))
     ev = json.loads((run / "eval.json").read_text())
     assert ev["n_images"] == N_TEST and ev["steps"] == 4 and ev["ema"]["n_images"] == N_TEST
     assert ev["top1"] == out["top1"] and 0 <= ev["top1"] <= ev["top5"] <= 100
     meta = json.loads((run / "classifier.json").read_text())
-    assert meta["kind"] == "vit" and meta["global_pool"] == "avg" and meta["num_classes"] == 3
+    assert meta["kind"] == "vit" and meta["pool"] == "avg" and meta["num_classes"] == 3
     for name in ("classifier_best", "classifier_last", "classifier_ema_last"):
         sd = load_file(str(run / f"{name}.safetensors"))
         assert "fc_norm.weight" in sd and "head.weight" in sd and "norm.weight" not in sd
@@ -82,7 +78,7 @@ def test_finetune_resume_is_exact(tiny):
     from finetune.classify import main
 
     run = tiny["base"] / "resume"
-    args = _args(tiny, run, "run.steps=4", "run.save_every=2", "eval_every=0")
+    args = _args(tiny, run, "run.steps=4", "run.save_every=2", "run.eval_every=0")
     main(args)
     full = load_file(str(run / "classifier_last.safetensors"))
     shutil.rmtree(run / "checkpoints" / "step_000004")  # as if killed after the step-2 checkpoint
@@ -102,7 +98,7 @@ def test_two_processes_finetune_counts_every_image_once(tiny, tmp_path):
     ev_args = [f"checkpoint={run}", f"data={tiny['data']}:test", "num_workers=0", "batch_size=3", "progress=false",
                f"output={tmp_path / 'ev2.json'}"]
     script = ("from finetune.classify import main\nfrom finetune.evaluate import main as evaluate\n"
-              f"main({_args(tiny, run, 'run.steps=2', 'eval_every=1')!r})\nevaluate({ev_args!r})\n")
+              f"main({_args(tiny, run, 'run.steps=2', 'run.eval_every=1')!r})\nevaluate({ev_args!r})\n")
     launch_two(script, tmp_path)
     assert json.loads((tmp_path / "ev2.json").read_text())["n_images"] == N_TEST  # evaluate.py on 2 ranks too
     ev = json.loads((run / "eval.json").read_text())
@@ -113,24 +109,24 @@ def test_two_processes_finetune_counts_every_image_once(tiny, tmp_path):
 
 
 def _bad(tiny, *extra):
+    from core.errors import UserError
     from finetune.classify import main
-    from launch.config import ConfigError
 
-    with pytest.raises((ConfigError, SystemExit)) as info:
+    with pytest.raises((UserError, SystemExit)) as info:
         main(_args(tiny, tiny["base"] / "bad", "run.steps=1", *extra))
     return str(info.value)
 
 
 def test_bad_inputs_fail_before_training(tiny):
     msg = _bad(tiny, "arch=mae_vit_small_patch4_dec256d4b")
-    assert "does not fit" in msg and "embed_dim: model 384 vs checkpoint 32" in msg
-    assert "encoder file not found" in _bad(tiny, f"encoder={tiny['base'] / 'missing.pth'}")
+    assert "does not fit" in msg and "embed_dim: model 384 vs weights 32" in msg
+    assert "no such file or directory" in _bad(tiny, f"encoder={tiny['base'] / 'missing.pth'}")
     assert "num_classes=10" in _bad(tiny, "num_classes=10")
-    assert "no labels" in _bad(tiny, "data.test_split=nolabels")
+    assert "no labels" in _bad(tiny, f"data.test={tiny['data']}:nolabels")
     assert "even micro-batch" in _bad(tiny, "data.global_batch=7")
     corrupt = tiny["base"] / "corrupt.safetensors"
     corrupt.write_bytes(b"not a checkpoint")
-    assert "cannot read encoder checkpoint" in _bad(tiny, f"encoder={corrupt}")
+    assert "cannot read" in _bad(tiny, f"encoder={corrupt}")
     assert not (tiny["base"] / "bad" / "checkpoints").exists()
 
 

@@ -15,8 +15,8 @@ import json
 
 import pytest
 import torch
+from conftest import DOWNSTREAM
 from helpers_launch import tiny_args
-from test_linprobe import COMMON, make_tiny_dataset, make_tiny_encoder
 from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
@@ -80,13 +80,6 @@ def check(counter, run_dir):
     assert record["loss"] is not None and record["loss"] == record["loss"]  # the kept steps' mean stays finite
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    base = tmp_path_factory.mktemp("syncs")
-    return {"data": make_tiny_dataset(base / "data"),
-            "encoder": make_tiny_encoder(base / "enc" / "encoder.safetensors"), "base": base}
-
-
 CADENCE = [f"run.steps={STEPS}", f"run.log_every={STEPS}", "run.save_every=0"]
 
 
@@ -96,7 +89,7 @@ def test_pretraining_steps_do_not_sync(tmp_path, monkeypatch):
 
     counter = SyncCounter()
     monkeypatch.setattr(mae, "device_batches", only_train(mae.device_batches, counter, 2, "image", TrainLoader))
-    args = tiny_args(tmp_path, "optim.grad_accum_steps=2", "vis.every=0", steps=STEPS) + CADENCE
+    args = tiny_args(tmp_path, "optim.grad_accum_steps=2", steps=STEPS) + CADENCE
     with counter:
         mae.main(args)
     check(counter, tmp_path)
@@ -115,7 +108,7 @@ def test_objective_steps_do_not_sync(tmp_path, monkeypatch, objective):
 
     counter = SyncCounter()
     monkeypatch.setattr(mae, "device_batches", only_train(mae.device_batches, counter, 2, "image", TrainLoader))
-    args = tiny_args(tmp_path, "optim.grad_accum_steps=2", "vis.every=0", steps=STEPS) + CADENCE + objective
+    args = tiny_args(tmp_path, "optim.grad_accum_steps=2", steps=STEPS) + CADENCE + objective
     if objective[0] != "model.objective=mae":  # no decoder: drop the tiny MAE decoder's overrides
         args = [a for a in args if not a.startswith("model.overrides.decoder_")]
     with counter:
@@ -125,14 +118,14 @@ def test_objective_steps_do_not_sync(tmp_path, monkeypatch, objective):
 
 def test_finetuning_steps_do_not_sync(tiny, tmp_path, monkeypatch):
     from data.train_stream import TrainLoader
-    from finetune import classify
+    from finetune import classify, downstream
 
     counter = SyncCounter()
-    monkeypatch.setattr(classify, "device_batches", only_train(classify.device_batches, counter, 1, "image",
-                                                               TrainLoader))
-    args = [f"data.path={tiny['data']}", f"encoder={tiny['encoder']}", f"run.output_dir={tmp_path}",
+    monkeypatch.setattr(downstream, "device_batches", only_train(downstream.device_batches, counter, 1, "image",
+                                                                 TrainLoader))
+    args = [f"data.train={tiny['data']}", f"encoder={tiny['encoder']}", f"run.output_dir={tmp_path}",
             "run.trackers=none", "run.progress=false", "data.num_workers=0", "data.global_batch=8",
-            "data.eval_batch_size=4", "eval_every=0", "optim.warmup_steps=1", "optim.clip_grad=1.0", *CADENCE]
+            "data.eval_batch=4", "run.eval_every=0", "optim.warmup_steps=1", "optim.clip_grad=1.0", *CADENCE]
     with counter:
         classify.main(args)
     check(counter, tmp_path)
@@ -145,16 +138,16 @@ def test_distillation_steps_do_not_sync(tiny, tmp_path, monkeypatch, kind):
     from safetensors.torch import save_file
 
     from data.train_stream import TrainLoader
-    from finetune import classify
+    from finetune import classify, downstream
 
     teacher_file = tmp_path / "teacher.safetensors"
     save_file(timm.create_model("test_resnet", num_classes=3).state_dict(), str(teacher_file))
     counter = SyncCounter()
-    monkeypatch.setattr(classify, "device_batches", only_train(classify.device_batches, counter, 1, "image",
-                                                               TrainLoader))
-    args = [f"data.path={tiny['data']}", f"encoder={tiny['encoder']}", f"run.output_dir={tmp_path / 'run'}",
+    monkeypatch.setattr(downstream, "device_batches", only_train(downstream.device_batches, counter, 1, "image",
+                                                                 TrainLoader))
+    args = [f"data.train={tiny['data']}", f"encoder={tiny['encoder']}", f"run.output_dir={tmp_path / 'run'}",
             "run.trackers=none", "run.progress=false", "data.num_workers=0", "data.global_batch=8",
-            "data.eval_batch_size=4", "eval_every=0", "optim.warmup_steps=1", "optim.clip_grad=1.0",
+            "data.eval_batch=4", "run.eval_every=0", "optim.warmup_steps=1", "optim.clip_grad=1.0",
             f"distill.kind={kind}", "distill.teacher=timm:test_resnet", f"distill.teacher_weights={teacher_file}",
             "distill.teacher_mean=[0.5,0.5,0.5]", "distill.teacher_std=[0.25,0.25,0.25]", "distill.tau=2.0", *CADENCE]
     with counter:
@@ -166,16 +159,16 @@ def test_distillation_steps_do_not_sync(tiny, tmp_path, monkeypatch, kind):
 @pytest.mark.parametrize("cached", [True, False])
 def test_probing_steps_do_not_sync(tiny, tmp_path, monkeypatch, cached):
     from data.train_stream import TrainLoader
-    from finetune import linprobe
+    from finetune import downstream, linprobe
 
     counter = SyncCounter()
     if cached:
         monkeypatch.setattr(linprobe, "cached_batches", windowed(linprobe.cached_batches, counter, 1, "feature"))
     else:
-        monkeypatch.setattr(linprobe, "device_batches", only_train(linprobe.device_batches, counter, 1, "image",
-                                                                   TrainLoader))
-    args = [f"data.path={tiny['data']}", f"encoder={tiny['encoder']}", f"run.output_dir={tmp_path}",
-            f"probe.cached={str(cached).lower()}", *COMMON, *CADENCE]
+        monkeypatch.setattr(downstream, "device_batches", only_train(downstream.device_batches, counter, 1, "image",
+                                                                     TrainLoader))
+    args = [f"data.train={tiny['data']}", f"encoder={tiny['encoder']}", f"run.output_dir={tmp_path}",
+            f"probe.cached={str(cached).lower()}", *DOWNSTREAM, *CADENCE]
     with counter:
         linprobe.main(args)
     check(counter, tmp_path)

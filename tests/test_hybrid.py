@@ -6,18 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_linprobe import N_TEST, make_tiny_dataset, make_tiny_encoder
+from conftest import N_TEST
 
-FT = ["run.trackers=none", "run.progress=false", "data.num_workers=0", "data.global_batch=8", "data.eval_batch_size=4",
-      "run.log_every=2", "optim.warmup_steps=1", "eval_every=0", "run.save_every=0"]
+FT = ["run.trackers=none", "run.progress=false", "data.num_workers=0", "data.global_batch=8", "data.eval_batch=4",
+      "run.log_every=2", "optim.warmup_steps=1", "run.eval_every=0", "run.save_every=0"]
 TEST_HYBRID = "test_vit_convstem_p4_32"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    base = tmp_path_factory.mktemp("hybrid")
-    return {"data": make_tiny_dataset(base / "data"),
-            "encoder": make_tiny_encoder(base / "enc" / "encoder.safetensors"), "base": base}
 
 
 def test_conv_stem_and_hybrid_feature_shapes():
@@ -46,12 +39,12 @@ def test_conv_stem_and_hybrid_feature_shapes():
 
 def test_hybrid_from_scratch_exports_to_timm_and_fine_tunes(tiny):
     import timm
+    from conftest import load_classifier
 
-    from finetune.classifier_io import load_classifier
     from finetune.classify import main
 
     run = tiny["base"] / "scratch"
-    out = main([f"data.path={tiny['data']}", "encoder=random", f"arch={TEST_HYBRID}", f"run.output_dir={run}",
+    out = main([f"data.train={tiny['data']}", "encoder=random", f"arch={TEST_HYBRID}", f"run.output_dir={run}",
                 "run.steps=3", *FT])
     assert out["n_images"] == N_TEST and out["arch"] == TEST_HYBRID
     model, meta = load_classifier(run)
@@ -67,7 +60,7 @@ def test_hybrid_from_scratch_exports_to_timm_and_fine_tunes(tiny):
         assert torch.equal(reloaded(x), model(x))  # stem BatchNorm statistics included
 
     run2 = tiny["base"] / "from_export"
-    main([f"data.path={tiny['data']}", f"encoder={path}", f"arch={TEST_HYBRID}", f"run.output_dir={run2}",
+    main([f"data.train={tiny['data']}", f"encoder={path}", f"arch={TEST_HYBRID}", f"run.output_dir={run2}",
           "run.steps=1", "optim.blr=1e-12", *FT])
     tuned, _ = load_classifier(run2)
     start = load_classifier(run)[0].state_dict()
@@ -75,10 +68,12 @@ def test_hybrid_from_scratch_exports_to_timm_and_fine_tunes(tiny):
 
 
 def test_probe_rebuilds_a_hybrid_encoder(tmp_path):
-    from finetune.classifier_io import load_classifier, save_classifier
-    from finetune.probe import ProbeClassifier
+    from conftest import load_classifier
+
+    from finetune.export import save_classifier
     from models.classifier import create_backbone
     from models.hybrid import hybrid_encoder_cfg
+    from models.probe import ProbeClassifier
 
     cfg = hybrid_encoder_cfg(TEST_HYBRID)
     probe = ProbeClassifier(create_backbone(cfg), 3, pool="avg")
@@ -93,23 +88,23 @@ def test_probe_rebuilds_a_hybrid_encoder(tmp_path):
 
 
 def test_hybrid_errors(tiny, tmp_path):
-    from finetune.encoder_source import resolve_encoder
-    from launch.config import ConfigError
+    from core.errors import UserError as ConfigError  # config and weights problems alike
+    from launch.weights import read_weights
     from models.classifier import create_backbone
     from models.convert import save_encoder
     from models.hybrid import hybrid_encoder_cfg
 
     with pytest.raises(ConfigError, match=f"does not fit arch {TEST_HYBRID}.*patch_embed.backbone"):
-        resolve_encoder(str(tiny["encoder"]), arch=TEST_HYBRID)  # a plain ViT encoder for a hybrid
+        read_weights(str(tiny["encoder"]), arch=TEST_HYBRID)  # a plain ViT encoder for a hybrid
     hybrid_file = save_encoder(create_backbone(hybrid_encoder_cfg(TEST_HYBRID)).state_dict(),
                                tmp_path / "hybrid.safetensors")
     with pytest.raises(ConfigError, match="holds a hybrid ViT"):
-        resolve_encoder(str(hybrid_file))  # without arch= its architecture is unknown
-    assert resolve_encoder(str(hybrid_file), arch=f"timm:{TEST_HYBRID}").encoder_cfg["hybrid"] == TEST_HYBRID
+        read_weights(str(hybrid_file))  # without arch= its architecture is unknown
+    assert read_weights(str(hybrid_file), arch=f"timm:{TEST_HYBRID}").encoder_cfg["hybrid"] == TEST_HYBRID
     with pytest.raises(ConfigError, match="CNNs train from scratch"):
-        resolve_encoder(str(tiny["encoder"]), arch="timm:test_resnet")
+        read_weights(str(tiny["encoder"]), arch="timm:test_resnet")
     with pytest.raises(ConfigError, match="neither an MAE variant"):
-        resolve_encoder("random", arch="vit_nonexistent_convstem")
+        read_weights("random", arch="vit_nonexistent_convstem")
 
 
 def test_mae_pretraining_refuses_hybrids(tmp_path, capsys):

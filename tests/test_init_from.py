@@ -14,9 +14,8 @@ import json
 
 import pytest
 import torch
-from helpers_launch import TINY_MODEL
+from conftest import TINY_MODEL, make_tiny_dataset
 from safetensors.torch import load_file, save_file
-from test_linprobe import make_tiny_dataset
 
 from launch.config import load_config
 from launch.errors import cli

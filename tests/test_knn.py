@@ -10,8 +10,8 @@ import math
 
 import pytest
 import torch
-from helpers_launch import TINY_MODEL
-from test_linprobe import launch_two, make_tiny_dataset
+from conftest import TINY_MODEL, make_tiny_dataset
+from helpers_launch import launch_two
 
 from launch.knn import knn_scores, knn_top1
 from launch.knn_monitor import subset
@@ -76,7 +76,7 @@ def knn_args(run_dir, data, *extra, steps=4):
     return [*TINY_MODEL, f"data.train={data}", "data.micro_batch=8", "data.num_workers=0",
             f"run.output_dir={run_dir}", f"run.steps={steps}", "run.log_every=1", "run.save_every=0",
             "run.trackers=none", "run.progress=false", "run.precision=no", "optim.warmup_steps=1", "vis.num_images=0",
-            "knn.batch_size=4", *extra]
+            "data.eval_batch=4", *extra]
 
 
 def recompute_top1(run_dir, data, bank_size=None, query_size=None) -> float:
@@ -111,7 +111,7 @@ def recompute_top1(run_dir, data, bank_size=None, query_size=None) -> float:
 def test_monitor_logs_knn_top1_in_the_step_record(tiny_data, tmp_path, capsys):
     from pretrain import mae
 
-    mae.main(knn_args(tmp_path, tiny_data, "knn.every=3", "knn.bank_size=20", "knn.query_size=10"))
+    mae.main(knn_args(tmp_path, tiny_data, "run.eval_every=3", "knn.bank_size=20", "knn.query_size=10"))
     assert "knn: bank 20 images" in capsys.readouterr().out
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4]  # one record per step: knn_top1 joins the loss record
@@ -122,7 +122,7 @@ def test_monitor_logs_knn_top1_in_the_step_record(tiny_data, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_monitor_on_two_ranks_counts_every_image_once(tiny_data, tmp_path):
-    args = knn_args(tmp_path, tiny_data, "knn.every=0", steps=2)
+    args = knn_args(tmp_path, tiny_data, "run.eval_every=0", steps=2)
     launch_two(f"from pretrain.mae import main\nmain({args!r})\n", tmp_path)
     record = read_metrics(tmp_path / "metrics.jsonl")[-1]
     assert record["step"] == 2

@@ -132,7 +132,7 @@ def sizes(run_dir, steps: int = 3) -> list[str]:
     return [*TINY, f"data.train={SAMPLE}", "data.micro_batch=4", "data.num_workers=1", "data.shuffle_buffer=100",
             "optim.grad_accum_steps=1", "optim.warmup_steps=1", f"run.output_dir={run_dir}", f"run.steps={steps}",
             "run.log_every=1", f"run.save_every={steps}", "run.trackers=none", "run.progress=false",
-            "knn.enabled=false", "vis.num_images=2", "vis.every=0"]
+            "knn.enabled=false", "vis.num_images=2"]
 
 
 def placeholders(command: str, port: int) -> str:
@@ -349,7 +349,7 @@ def test_slurm_arguments_arrive_whole(tmp_path):
                                           f".write(json.dumps(sys.argv[1:]))\n")
     (fake_venv / "accelerate").chmod(0o755)
     (command,) = documented(r"^sbatch launch/slurm/pretrain\.sbatch 'data\.train=pipe:")
-    brace = "data.recon=/shards/val-{000000..000009}.tar"
+    brace = "vis.images=/shards/val-{000000..000009}.tar"
     cmd, slurm = _sbatch(command, tmp_path, nodes=2, program_sizes=[brace], VENV=str(tmp_path / "venv"))
     run_ok(cmd, slurm)
     got = sorted((json.loads(f.read_text()) for f in out_dir.iterdir()), key=str)

@@ -13,9 +13,9 @@ import shutil
 import pytest
 import timm
 import torch
+from conftest import DOWNSTREAM, N_TEST, make_tiny_dataset
 from helpers_launch import ROOT, SAMPLE, read_metrics
 from safetensors.torch import load_file
-from test_linprobe import COMMON, N_TEST, make_tiny_dataset
 
 from launch.config import load_config
 from launch.errors import cli
@@ -32,7 +32,7 @@ DECODER = ["model.overrides.decoder_embed_dim=32", "model.overrides.decoder_dept
            "model.overrides.decoder_num_heads=2"]
 SIZE = [f"data.train={SAMPLE}", "data.micro_batch=32", "data.num_workers=0", "run.steps=24", "run.log_every=4",
         "run.save_every=0", "run.trackers=none", "run.progress=false", "run.precision=no", "optim.lr=3e-3",
-        "optim.warmup_steps=4", "vis.every=0", "vis.num_images=2", "knn.enabled=false"]
+        "optim.warmup_steps=4", "vis.num_images=2", "knn.enabled=false"]
 
 CASES = {  # id: (config file, extra size overrides, full-weights file, reconstruction grid expected)
     "mae-hog": ("mae_hog.yaml", DECODER, "mae.safetensors", False),
@@ -80,8 +80,8 @@ def test_objective_trains_exports_and_probes(case, tmp_path, probe_data):
     from finetune.linprobe import main as linprobe
 
     probe = tmp_path / "probe"
-    linprobe([f"encoder={run / 'encoder.safetensors'}", f"data.path={probe_data}", f"run.output_dir={probe}",
-              "run.steps=4", "optim.warmup_steps=1", *COMMON])
+    linprobe([f"encoder={run / 'encoder.safetensors'}", f"data.train={probe_data}", f"run.output_dir={probe}",
+              "run.steps=4", "optim.warmup_steps=1", *DOWNSTREAM])
     ev = json.loads((probe / "eval.json").read_text())
     assert ev["n_images"] == N_TEST and 0 <= ev["top1"] <= 100
     assert ev["encoder"]["encoder_cfg"]["embed_dim"] == 32

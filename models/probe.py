@@ -1,14 +1,9 @@
-"""The linear probe: a frozen encoder, a pooled feature, BatchNorm1d without affine, one Linear, trained by LARS.
+"""The linear probe's model: a frozen encoder, a pooled feature, BatchNorm1d without affine, one Linear.
 
 As in the MAE recipe: the BatchNorm (eps 1e-6, no affine) only calibrates the feature scale, so one learning rate
 fits every encoder; the Linear starts from trunc-normal std 0.01 and zero bias. Only the head trains; the encoder
-stays in eval mode with gradients off, whatever `.train()` is called on the whole.
-
-LARS through timm's `Lars`, set up like the MAE/MoCo v3 probe: MoCo v3's LARS adapts the step with the trust ratio
-only for parameters with ndim > 1 and applies no weight decay to 1-D ones. timm's `Lars` adapts only when the group's
-weight decay is non-zero unless `always_adapt=True`, so weights go in a group with `always_adapt=True` and biases in
-a plain momentum-SGD group. With weight decay 0 (the recipe) timm's trust ratio `tc*|w|/(|g| + wd*|w| + eps)` equals
-MoCo v3's.
+stays in eval mode with gradients off, whatever `.train()` is called on the whole. (Trained by LARS:
+`finetune/lars.py`.)
 """
 
 from __future__ import annotations
@@ -16,9 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
-from timm.optim import Lars
 
-from finetune.features import encode
+from models.pooling import encode
 
 
 class ProbeHead(nn.Sequential):
@@ -54,15 +48,4 @@ class ProbeClassifier(nn.Module):
         return self.head(self.features(images).to(dtype))  # [N, C]
 
 
-
-def build_lars(module: nn.Module, *, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
-               trust_coeff: float = 1e-3) -> Lars:
-    adapted = [p for p in module.parameters() if p.requires_grad and p.ndim > 1]
-    plain = [p for p in module.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": adapted, "weight_decay": weight_decay, "always_adapt": True},
-              {"params": plain, "weight_decay": 0.0, "always_adapt": False}]
-    return Lars([g for g in groups if g["params"]], lr=lr, momentum=momentum, trust_coeff=trust_coeff)
-
-
-
-__all__ = ["ProbeHead", "ProbeClassifier", "build_lars"]
+__all__ = ["ProbeHead", "ProbeClassifier"]
