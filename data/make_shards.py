@@ -66,7 +66,6 @@ PROG = "data/make_shards.py"
 
 
 OWNER_FILE = ".owner.json"
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 log = logging.getLogger(__name__)
 
@@ -569,6 +568,9 @@ def _write(items, class_names, out: Path, meta: dict, *, split, shard_size, max_
         tmp_meta.unlink(missing_ok=True)
         raise
     return {**entry, "seconds": seconds, "images_per_sec": (entry["num_samples"] + len(skipped)) / max(seconds, 1e-9)}
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _free_space(path: Path) -> str:
