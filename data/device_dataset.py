@@ -16,20 +16,26 @@ Order and randomness are functions of the position only: epoch e is a permutatio
 "device-perm", e), split over ranks (rank r takes every world_size-th image, whole batches, the rest dropped),
 and batch k's crops come from a device generator seeded with mix_seed(seed, "device-crop", rank, k). `state_dict`
 / `load_state_dict` record the batch count, so resume is exact, as with the shard stream.
+
+Size check before decoding: the split's size as uint8 RGB is estimated as sample count x image shape (dataset.json's
+`num_samples` and `image_size`; without `image_size` the first image is decoded to learn it), and a split over
+`max_gb` is refused in one line (`DatasetError`) before anything else is decoded. When the count is unknown (a bare
+shard pattern), decoding stops as soon as the images decoded so far pass the limit. With a known count the images
+are decoded straight into one preallocated tensor (no list of images plus a stacked copy).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 import webdataset as wds
 
 from data.decode import CorruptSample, decode_image, decode_label, uint8_pixels
-from data.info import DatasetInfo, resolve
+from data.info import DatasetError, DatasetInfo, resolve
 from data.seeding import mix_seed
 
 log = logging.getLogger(__name__)
@@ -37,29 +43,84 @@ ATTEMPTS = 10
 MODES = ("bilinear", "bicubic")
 
 
-def load_split_uint8(spec) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Every image of a split as uint8 [N, C, H, W] (shard order), labels [N] (-1 unlabelled), and the number of
-    samples skipped because they could not be decoded."""
-    info = spec if isinstance(spec, DatasetInfo) else resolve(spec)
-    images, labels, skipped = [], [], 0
-    for url in info.urls:
+def _samples(urls: Sequence[str]) -> Iterator[tuple[str, dict]]:
+    for url in urls:
         for sample in wds.tarfile_samples(iter([{"url": url}])):
-            try:
-                pixels, _ = uint8_pixels(decode_image(sample))
-                label = decode_label(sample)
-            except CorruptSample as exc:
-                skipped += 1
-                log.warning("device dataset: skipping %s", exc)
-                continue
-            if images and pixels.shape != images[0].shape:
-                raise ValueError(f"{url}: image {sample.get('__key__')!r} is {tuple(pixels.shape)}, the first was "
-                                 f"{tuple(images[0].shape)}; the device loader needs images of one size "
-                                 "(write the shards at one size, or use the shard stream: data.loader=stream)")
+            yield url, sample
+
+
+def _decoded(sample: dict) -> tuple[torch.Tensor, int]:
+    pixels, _ = uint8_pixels(decode_image(sample))
+    return pixels, decode_label(sample)
+
+
+def split_image_shape(info: DatasetInfo) -> tuple[int, int, int]:
+    """The [C, H, W] shape the device loader holds each image of the split in (uint8 RGB): dataset.json's
+    `image_size` with 3 channels when recorded, else the shape of the split's first decodable image."""
+    size = (info.meta or {}).get("image_size")
+    if size:
+        return (3, int(size[0]), int(size[1]))
+    for _, sample in _samples(info.urls):
+        try:
+            return tuple(_decoded(sample)[0].shape)
+        except CorruptSample:
+            continue
+    raise DatasetError(f"no decodable image in {', '.join(info.urls[:3])}{', ...' if len(info.urls) > 3 else ''}")
+
+
+def _what(spec, info: DatasetInfo) -> str:
+    """The split named for a message: the spec as given, with its split when the spec does not name it."""
+    where = info.urls[0] if isinstance(spec, DatasetInfo) else str(spec)
+    return f"{where} (split {info.split})" if info.split and not where.endswith(f":{info.split}") else where
+
+
+def _too_big(what: str, count: str, shape, size: float, limit_gb: float) -> DatasetError:
+    c, h, w = shape
+    return DatasetError(f"{what}: {count} images of {c}x{h}x{w} take {size / 2**30:.1f} GiB as uint8, over the device "
+                        f"loader's {limit_gb:g} GiB limit; use the shard stream: data.loader=stream")
+
+
+def load_split_uint8(spec, max_gb: float | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Every image of a split as uint8 [N, C, H, W] (shard order), labels [N] (-1 unlabelled), and the number of
+    samples skipped because they could not be decoded. With `max_gb`, a split whose estimated size (count x shape)
+    is larger is refused (`DatasetError`) before decoding more than one image; when the count is unknown, as soon as
+    the images decoded so far pass it."""
+    info = spec if isinstance(spec, DatasetInfo) else resolve(spec)
+    what = _what(spec, info)
+    shape = split_image_shape(info)
+    per_image = math.prod(shape)
+    limit = math.inf if max_gb is None else max_gb * 2**30
+    if info.num_samples is not None and info.num_samples * per_image > limit:
+        raise _too_big(what, f"{info.num_samples:,}", shape, info.num_samples * per_image, max_gb)
+    # known count: decode straight into one tensor; unknown: a list, stacked at the end
+    images = torch.empty((info.num_samples, *shape), dtype=torch.uint8) if info.num_samples else []
+    labels, skipped, n = [], 0, 0
+    for url, sample in _samples(info.urls):
+        try:
+            pixels, label = _decoded(sample)
+        except CorruptSample as exc:
+            skipped += 1
+            log.warning("device dataset: skipping %s", exc)
+            continue
+        if tuple(pixels.shape) != shape:
+            raise DatasetError(f"{url}: image {sample.get('__key__')!r} is {tuple(pixels.shape)}, the first was "
+                               f"{shape}; the device loader needs images of one size (write the shards at one size, "
+                               "or use the shard stream: data.loader=stream)")
+        if isinstance(images, list):
+            if (n + 1) * per_image > limit:
+                raise _too_big(what, f"more than {n:,}", shape, (n + 1) * per_image, max_gb)
             images.append(pixels.contiguous())
-            labels.append(label)
-    if not images:
-        raise ValueError(f"no decodable image in {info.urls[:3]}...")
-    return torch.stack(images), torch.tensor(labels, dtype=torch.long), skipped
+        elif n < len(images):
+            images[n] = pixels
+        else:
+            raise DatasetError(f"{what} holds more images than the {len(images):,} its dataset.json lists; rewrite "
+                               "the split with data/make_shards.py")
+        labels.append(label)
+        n += 1
+    if n == 0:
+        raise DatasetError(f"no decodable image in {', '.join(info.urls[:3])}{', ...' if len(info.urls) > 3 else ''}")
+    images = torch.stack(images) if isinstance(images, list) else images[:n]
+    return images, torch.tensor(labels, dtype=torch.long), skipped
 
 
 def crop_boxes(n: int, height: int, width: int, scale, ratio, generator: torch.Generator, device) -> torch.Tensor:
@@ -166,15 +227,13 @@ def build_device_loader(spec, *, batch_size: int, img_size: int, device, seed: i
                         world_size: int = 1, scale=(0.2, 1.0), hflip: float = 0.5, interpolation: str = "bicubic",
                         start_batch: int = 0, max_gb: float = 4.0) -> DeviceTrainLoader:
     """Decode the split once, put it on `device` as uint8 and return its augmenting loader (see the module doc).
-    `max_gb`: refuse datasets larger than this (they belong to the shard stream)."""
-    images, labels, skipped = load_split_uint8(spec)
-    size_gb = images.numel() / 2**30
-    if size_gb > max_gb:
-        raise ValueError(f"{spec}: {images.shape[0]} images take {size_gb:.1f} GB as uint8, over the device "
-                         f"loader's {max_gb} GB limit; use the shard stream (data.loader=stream)")
+    `max_gb`: refuse splits larger than this many GiB as uint8 (they belong to the shard stream), before decoding
+    them (`load_split_uint8`)."""
+    images, labels, skipped = load_split_uint8(spec, max_gb=max_gb)
     return DeviceTrainLoader(images.to(device), labels, batch_size=batch_size, img_size=img_size, seed=seed,
                              rank=rank, world_size=world_size, scale=scale, hflip=hflip, interpolation=interpolation,
                              start_batch=start_batch, n_corrupt=skipped)
 
 
-__all__ = ["DeviceTrainLoader", "build_device_loader", "crop_boxes", "load_split_uint8", "resized_crops"]
+__all__ = ["DeviceTrainLoader", "build_device_loader", "crop_boxes", "load_split_uint8", "resized_crops",
+           "split_image_shape"]

@@ -7,11 +7,14 @@ Spec forms:
   them when it lists these shard names, else they are unknown (None).
 - `pipe:aws s3 cp s3://bucket/train-{000000..000099}.tar -`, `https://host/train-{000000..000009}.tar`, any
   `scheme:` that webdataset's gopen knows (see docs/DATA.md): taken as given, counts unknown.
-Several patterns can be joined with `::` (webdataset's convention).
+Several patterns can be joined with `::` (webdataset's convention). Shell globs (`*`, `?`, `[...]`) are not expanded
+(the shell does not see a `key=value` argument's pattern, and a URL cannot be listed): a local spec with one that
+names nothing is refused with the brace pattern of the shards the glob matches, or the brace form to write.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -27,6 +30,7 @@ DEFAULT_SPLIT = "train"
 EVAL_SPLITS = ("val", "test")  # looked for next to the training split when no evaluated split is named
 REPO = Path(__file__).resolve().parents[1]  # relative dataset folders are also looked for here (data/sample)
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")  # pipe:, http:, s3:, gs:, file: ...
+_GLOB = re.compile(r"(?:\*|\?|\[[^\]]*\])+")  # a run of shell glob pieces
 
 
 class DatasetError(UserError, ValueError):
@@ -88,6 +92,41 @@ def _from_json(meta_path: Path, split: str | None) -> DatasetInfo:
         labelled=entry.get("labelled"),
         meta=entry,
     )
+
+
+def _brace_pattern(paths: list[str]) -> str | None:
+    """One brace pattern for `paths` when they differ only in one run of equal-width digits counting up by one
+    (`/d/train-{000000..000003}.tar`), or the path itself when there is one; else None."""
+    if len(paths) == 1:
+        return paths[0]
+    head = os.path.commonprefix(paths)
+    tail = os.path.commonprefix([p[len(head):][::-1] for p in paths])[::-1]
+    head = head.rstrip("0123456789")  # the whole digit run varies, not only its last digits
+    tail = tail[len(tail) - len(tail.lstrip("0123456789")):]
+    middles = [p[len(head):len(p) - len(tail)] for p in paths]
+    width = len(middles[0])
+    if not all(m.isdigit() and len(m) == width for m in middles):
+        return None
+    numbers = sorted(int(m) for m in middles)
+    if numbers != list(range(numbers[0], numbers[0] + len(numbers))):
+        return None
+    return f"{head}{{{numbers[0]:0{width}d}..{numbers[-1]:0{width}d}}}{tail}"
+
+
+def _not_found(missing: str) -> str:
+    """What to say about a local shard that does not exist; for a shell glob, that it is not expanded and how to
+    write the spec instead."""
+    if not _GLOB.search(missing):
+        return f"dataset not found: {missing}"
+    matches = sorted(glob.glob(missing))
+    brace = _brace_pattern(matches) if matches else None
+    if brace:
+        instead = f": {brace} (the {len(matches)} file{'s' if len(matches) > 1 else ''} the glob matches)"
+    else:
+        instead = (", e.g. " + _GLOB.sub("{000000..000099}", missing, count=1)
+                   + (f" (the glob matches {len(matches)} files of no single numbered run)" if matches else ""))
+    return (f"dataset not found: {missing}; shell globs (*, ?, [...]) are not expanded in a dataset spec: name the "
+            f"shards with a brace pattern{instead}")
 
 
 def _sizes_from_neighbour_json(urls: list[str]) -> DatasetInfo | None:
@@ -172,8 +211,11 @@ def resolve(spec: str | os.PathLike | Sequence[str], split: str | None = None) -
     if local:
         missing = [u for u in local if not os.path.exists(u.removeprefix("file:"))]
         if len(urls) == 1 and missing:
-            raise DatasetError(f"dataset not found: {missing[0]}")
+            raise DatasetError(_not_found(missing[0]))
         if missing:
+            globbed = next((m for m in missing if _GLOB.search(m)), None)
+            if globbed:
+                raise DatasetError(_not_found(globbed))
             raise DatasetError(f"{len(missing)} of {len(urls)} shard(s) not found: {', '.join(missing[:3])}"
                                + (", ..." if len(missing) > 3 else ""))
         if len(local) == len(urls):

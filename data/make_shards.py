@@ -14,7 +14,10 @@ so an interrupted run never leaves a partial set behind.
      "splits": {"train": {"num_samples": 3200, "num_shards": 4, "num_classes": 10, "class_names": [...],
                           "shards": [{"name": "train-000000.tar.gz", "num_samples": 800, "bytes": 1048576}, ...],
                           "skipped": [{"path": "...", "reason": "..."}], "image_keys": {"jpg": 3200},
-                          "shuffled": true, "seed": 0, "resize": null}}}
+                          "shuffled": true, "seed": 0, "resize": null, "image_size": [32, 32], ...}}}
+
+`image_size` is [height, width] when every stored image has that size, else null (the device loader estimates the
+split's memory from it before decoding anything).
 
 Writing a second split into the same folder adds it to dataset.json; rewriting an existing split, or writing into
 a folder that holds anything other than a Tessera dataset, needs `--overwrite`.
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import gzip
 import io
 import json
@@ -305,24 +309,57 @@ def _read_kept_depth(index: int, path: str, label: int, resize: int | None) -> d
 
 def _with_stats(res: dict) -> dict:
     """The result with `stats`: [channels, dtype, per-channel sum, sum of squares, pixels] of the stored image as the
-    loaders decode it, in [0, 1] (divided by the dtype's maximum). An 8-bit grayscale image counts as 1 channel."""
+    loaders decode it, in [0, 1] (divided by the dtype's maximum). An 8-bit grayscale image counts as 1 channel.
+    No full-size copy of the image is made: 8-bit sums come exactly from PIL's per-band histogram, others from row
+    chunks (`_tensor_sums`)."""
     if "error" in res:
         return res
-    import numpy as np
-
-    from data.decode import decode_image, unit_float
+    from data.decode import decode_image
 
     pixels = decode_image({res["ext"]: res["data"], "__key__": res["path"]})
     if isinstance(pixels, Image.Image):
         with Image.open(io.BytesIO(res["data"])) as head:
             gray = head.mode in ("1", "L", "LA")
-        arr = np.asarray(pixels, dtype=np.float64).reshape(-1, 3)[:, :1 if gray else 3] / 255.0  # [H*W, C]
+        sums, squares, n = _histogram_sums(pixels, 1 if gray else 3)
         dtype = "uint8"
     else:
-        arr = unit_float(pixels).double().reshape(pixels.shape[0], -1).T.numpy()  # [H*W, C]
+        sums, squares, n = _tensor_sums(pixels)
         dtype = str(pixels.dtype).removeprefix("torch.")
-    res["stats"] = [arr.shape[1], dtype, arr.sum(0).tolist(), (arr * arr).sum(0).tolist(), arr.shape[0]]
+    res["stats"] = [len(sums), dtype, sums, squares, n]
     return res
+
+
+def _histogram_sums(img: Image.Image, channels: int) -> tuple[list[float], list[float], int]:
+    """Per-channel sum and sum of squares of an RGB image's first `channels` bands in [0, 1] units, from PIL's
+    256-bin histogram of each band: exact integer sums, one division each, no pixel copy."""
+    hist = img.histogram()  # 256 counts per band, bands in order (decodes the image if it is not loaded yet)
+    sums, squares = [], []
+    for c in range(channels):
+        counts = hist[256 * c:256 * (c + 1)]
+        sums.append(sum(v * k for v, k in enumerate(counts)) / 255)
+        squares.append(sum(v * v * k for v, k in enumerate(counts)) / 255**2)
+    return sums, squares, sum(hist[:256])
+
+
+STATS_CHUNK = 1 << 22  # values per channel in one row chunk of `_tensor_sums` (32 MiB as int64/float64)
+
+
+def _tensor_sums(pixels) -> tuple[list[float], list[float], int]:
+    """Per-channel sum and sum of squares of a [C, H, W] tensor in [0, 1] units (divided by the dtype's maximum),
+    in row chunks of at most STATS_CHUNK values per channel: integer pixels exactly (int64 within a chunk, Python
+    integers across chunks), floats in float64."""
+    import torch
+
+    channels, height, width = pixels.shape
+    rows = max(1, STATS_CHUNK // max(width, 1))
+    exact = not pixels.dtype.is_floating_point
+    sums, squares = [0] * channels, [0] * channels
+    for top in range(0, height, rows):
+        chunk = pixels[:, top:top + rows].to(torch.int64 if exact else torch.float64)
+        sums = [a + b for a, b in zip(sums, chunk.sum(dim=(1, 2)).tolist())]
+        squares = [a + b for a, b in zip(squares, chunk.mul_(chunk).sum(dim=(1, 2)).tolist())]
+    scale = float(torch.iinfo(pixels.dtype).max) if exact else 1.0
+    return [s / scale for s in sums], [q / scale**2 for q in squares], height * width
 
 
 def _add_stats(acc: dict, stats: list) -> None:
@@ -421,9 +458,17 @@ def write_shards(
     meta = _prepare_output(out, split, overwrite)
     clean_stale_tmp(out)
     with _raise_on_stop_signals():
-        return _write(items, class_names, out, meta, split=split, shard_size=shard_size,
-                      max_shard_bytes=max_shard_bytes, shuffle=shuffle, seed=seed, workers=workers, resize=resize,
-                      compress=compress, progress=progress)
+        try:
+            return _write(items, class_names, out, meta, split=split, shard_size=shard_size,
+                          max_shard_bytes=max_shard_bytes, shuffle=shuffle, seed=seed, workers=workers,
+                          resize=resize, compress=compress, progress=progress)
+        except OSError as exc:
+            if exc.errno not in DISK_FULL:
+                raise
+            # _write has removed its temporary folder by now: the free space is what the user has to work with
+            raise ShardWriteError(f"the disk is full writing split '{split}' into {out} ({os.strerror(exc.errno)}); "
+                                  f"{_free_space(out)} free there now. The partial shards were removed; free space "
+                                  f"or choose another --output, then run the command again") from None
 
 
 def _write(items, class_names, out: Path, meta: dict, *, split, shard_size, max_shard_bytes, shuffle, seed, workers,
@@ -442,6 +487,7 @@ def _write(items, class_names, out: Path, meta: dict, *, split, shard_size, max_
     skipped: list[dict] = []
     image_keys: dict[str, int] = {}
     pixel_stats: dict[int, dict] = {}
+    sizes: set[tuple[int, int]] = set()  # stored (width, height)
     writer = None  # the writer opens a shard on creation: start it at the first valid image
     results = _validated(jobs, workers)
     try:
@@ -477,6 +523,7 @@ def _write(items, class_names, out: Path, meta: dict, *, split, shard_size, max_
             writer.write(sample)
             image_keys[res["ext"]] = image_keys.get(res["ext"], 0) + 1
             _add_stats(pixel_stats, res["stats"])
+            sizes.add(tuple(res["size"]))
         bar.close()
         if writer is None:
             raise ShardWriteError(f"no valid image in the input ({len(skipped)} skipped: {skipped[:3]})")
@@ -509,14 +556,36 @@ def _write(items, class_names, out: Path, meta: dict, *, split, shard_size, max_
         "shuffled": shuffle,
         "seed": seed,
         "resize": resize,
+        "image_size": [one[1], one[0]] if (one := _only(sizes)) else None,  # [height, width]: all alike, else None
         **_channel_stats(pixel_stats),  # channels, dtype, per-channel mean and std: the runs' default normalisation
     }
     meta.setdefault("splits", {})[split] = entry
     meta["format"] = FORMAT
     tmp_meta = out / ".dataset.json.tmp"
-    tmp_meta.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp_meta, out / "dataset.json")
+    try:
+        tmp_meta.write_text(json.dumps(meta, indent=1) + "\n")
+        os.replace(tmp_meta, out / "dataset.json")
+    except BaseException:
+        tmp_meta.unlink(missing_ok=True)
+        raise
     return {**entry, "seconds": seconds, "images_per_sec": (entry["num_samples"] + len(skipped)) / max(seconds, 1e-9)}
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _free_space(path: Path) -> str:
+    """Free space on the file system holding `path`, for a message ("12.3 MiB"; "unknown" if it cannot be read)."""
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return "unknown"
+    return f"{free / 2**30:.1f} GiB" if free >= 2**30 else f"{free / 2**20:.1f} MiB"
+
+
+def _only(values: set):
+    """The one element of `values`, or None when it holds none or several."""
+    return next(iter(values)) if len(values) == 1 else None
 
 
 def _summary(split: str, out: Path, res: dict) -> str:

@@ -6,6 +6,10 @@ stage. `build_accelerator` adds what the launcher cannot know:
 * the gloo backend when there is no CUDA (without it Accelerate leaves the backend unset and, under DeepSpeed,
   every rank believes it is alone), and `cpu=True` for a multi-process launch without CUDA and DeepSpeed (so a
   `--multi_gpu` launch on a CPU box is MULTI_CPU, not unsynchronised ranks);
+* the launcher's DeepSpeed JSON (`deepspeed_config_file` in the yaml, `ACCELERATE_DEEPSPEED_CONFIG_FILE`) found from
+  any directory: a relative path that is not under the current directory is taken relative to the repository (the
+  shipped yamls name `launch/deepspeed/zero2.json`), and a file found in neither place is one `UserError` line
+  (`resolve_deepspeed_config_file`), not a traceback on every rank;
 * DeepSpeed on a CPU box: skip the JIT build of DeepSpeed's shared-memory comm op (~100 s of g++), and check that
   `transformers` is importable (Accelerate's DeepSpeed path imports it);
 * `configure_deepspeed`: DeepSpeed's micro-batch, accumulation and clipping filled from our config before `prepare`
@@ -15,7 +19,9 @@ stage. `build_accelerator` adds what the launcher cannot know:
 
 from __future__ import annotations
 
+import base64
 import importlib
+import json
 import os
 import sys
 from datetime import timedelta
@@ -25,7 +31,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
 
+from core.errors import UserError
 from launch.sections import OptimConfig, RunConfig
+
+REPO = Path(__file__).resolve().parents[1]
+DS_FILE_ENV = "ACCELERATE_DEEPSPEED_CONFIG_FILE"
 
 
 def uses_deepspeed_env() -> bool:
@@ -45,6 +55,45 @@ def resolve_precision(precision: str) -> str:
     return "no"
 
 
+def _inline_json(value: str) -> bool:
+    """Accelerate also takes the DeepSpeed config as base64-encoded JSON; such a value is not a path."""
+    try:
+        return isinstance(json.loads(base64.urlsafe_b64decode(value)), dict)
+    except (ValueError, TypeError):
+        return False
+
+
+def resolve_deepspeed_config_file(environ: dict | None = None) -> Path | None:
+    """Point the launcher's DeepSpeed config file at an absolute path before Accelerate reads it (on every rank).
+
+    A path that exists as given (absolute, or relative to the current directory) is kept; a relative one that does
+    not is looked up in the repository (the shipped launch/accelerate/zero*.yaml name launch/deepspeed/zero*.json), so
+    the launch files work from any directory. Raises `UserError` naming the file when it is in neither place or is
+    not a JSON object. Returns the file, or None when there is none (no DeepSpeed, or an inline config)."""
+    environ = os.environ if environ is None else environ
+    value = environ.get(DS_FILE_ENV, "")
+    if not value or value == "none" or environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return None
+    given = Path(value).expanduser()
+    candidates = [given] if given.is_absolute() else [given, REPO / given]
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        if _inline_json(value):
+            return None
+        where = str(given) if given.is_absolute() else f"{Path.cwd()} (the current directory) or in {REPO}"
+        raise UserError(f"the DeepSpeed config file {value} (deepspeed_config_file in the accelerate yaml, or "
+                        f"{DS_FILE_ENV}) is not in {where}; give the path of an existing DeepSpeed JSON "
+                        f"(e.g. {REPO / 'launch' / 'deepspeed' / 'zero2.json'})")
+    try:
+        config = json.loads(found.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"the DeepSpeed config file {found} cannot be read as JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"the DeepSpeed config file {found} holds a {type(config).__name__}, not a JSON object")
+    environ[DS_FILE_ENV] = str(found.resolve())
+    return found.resolve()
+
+
 def deepspeed_cpu_workarounds() -> None:
     """Make DeepSpeed run on a CPU-only machine (docs/LAUNCH.md, "DeepSpeed on CPU")."""
     try:
@@ -62,6 +111,7 @@ def deepspeed_cpu_workarounds() -> None:
 def build_accelerator(run: RunConfig, optim: OptimConfig, *, logging_subdir: str = "logs") -> Accelerator:
     """An `Accelerator` for `run` with `optim.grad_accum_steps` micro-steps per optimizer step. Under DeepSpeed, call
     `configure_deepspeed` with the micro-batch before `prepare` (the batch depends on the world size known here)."""
+    resolve_deepspeed_config_file()
     cuda = torch.cuda.is_available()
     if uses_deepspeed_env() and not cuda:
         deepspeed_cpu_workarounds()
@@ -137,6 +187,7 @@ __all__ = [
     "build_accelerator",
     "configure_deepspeed",
     "deepspeed_cpu_workarounds",
+    "resolve_deepspeed_config_file",
     "resolve_precision",
     "uses_deepspeed_env",
     "zero_stage",

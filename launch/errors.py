@@ -39,6 +39,8 @@ def user_message(exc: BaseException) -> str | None:
     if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
         where = f" writing {exc.filename}" if exc.filename else ""
         return f"the disk is full{where} ({os.strerror(exc.errno)}): free space or choose another location"
+    if isinstance(exc, OSError) and exc.errno == errno.ELOOP and exc.filename:
+        return f"a symlink loop: {exc.filename} ({os.strerror(exc.errno)}); remove the loop or choose another path"
     if isinstance(exc, _PATH_ERRORS) and exc.filename:
         kind = next(t for t in _PATH_ERRORS if isinstance(exc, t))
         return f"{_PATH_WHAT[kind]}: {exc.filename}{_PATH_HINT.get(kind, '')}"

@@ -7,7 +7,9 @@ own defaults with `section(RunConfig, ..., steps=240)`; see `pretrain/config.py`
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,6 +36,7 @@ class RunConfig:
     progress: bool = opt(True, "show a progress bar on the main process (plain log lines when off)")
 
     def __post_init__(self) -> None:
+        check_output_dir(self.output_dir)
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.log_every < 1:
@@ -47,6 +50,20 @@ class RunConfig:
         unknown = set(self.trackers) - {"tensorboard", "wandb", "none"}
         if unknown:
             raise ValueError(f"unknown trackers {sorted(unknown)}; use tensorboard, wandb or none")
+
+
+def check_output_dir(output_dir) -> None:
+    """Refuse a run directory that is empty (the run would land in the current directory) or that passes through a
+    symlink loop (nothing could be written there); a ValueError naming `run.output_dir` and what to do."""
+    if not str(output_dir).strip():
+        raise ValueError("run.output_dir is empty, which would write the run into the current directory; name a "
+                         "directory, e.g. run.output_dir=runs/my_run (run.output_dir=. for the current one)")
+    try:
+        os.stat(output_dir)
+    except OSError as exc:  # a missing directory is fine (the run creates it); a loop is not
+        if exc.errno == errno.ELOOP:
+            raise ValueError(f"run.output_dir {output_dir} passes through a symlink loop ({exc.strerror}); remove the "
+                             "loop or choose another run.output_dir") from None
 
 
 def _positive_finite(name: str, value: float | None, allow_zero: bool = False) -> None:

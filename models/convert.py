@@ -11,6 +11,8 @@ Command line:
 The exported encoder loads with
     timm.create_model("vit_base_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file=path), num_classes=0)
 Nothing is unpickled beyond tensors and plain containers (`weights_only=True`, or safetensors).
+A file the command line cannot read or recognise, or cannot write, is one line `models/convert.py: error: ...`
+naming it, exit code 2 (the library functions raise as documented).
 """
 
 import argparse
@@ -19,6 +21,7 @@ import os
 import pickle
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -197,6 +200,34 @@ def load_mae_weights(model, sd: dict, require_decoder: bool = False) -> dict:
     return report
 
 
+PROG = "models/convert.py"
+
+
+def _refuse(message: str) -> NoReturn:
+    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def _why(exc: Exception) -> str:
+    """One line for a reader's error: our own messages as they are, anything else with its type."""
+    text = next((line for line in str(exc).splitlines() if line.strip()), "").strip()
+    if isinstance(exc, (ValueError, OSError)) and text:
+        return text
+    return f"not a checkpoint it can read ({type(exc).__name__}: {text or 'no details'})"
+
+
+def _write(out: dict, out_path: Path, to: str, hf_cfg: dict | None) -> None:
+    if to == "encoder" and out_path.suffix == ".safetensors":
+        keep = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "layer_norm_eps")
+        save_encoder(out, out_path, {k: hf_cfg[k] for k in keep if k in hf_cfg} if hf_cfg else None)
+    elif out_path.suffix == ".safetensors":
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in out.items()}, str(out_path), metadata={"format": "pt"})
+    else:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": out}, out_path)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--input", required=True, help="checkpoint: .pth/.pt/.bin, .safetensors or an HF model dir")
@@ -204,9 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--to", choices=("encoder", "mae", "hf"), default="encoder",
                     help="encoder: timm-named encoder; mae: Tessera MaskedAutoencoder keys; hf: HF ViTMAE hub names")
     args = ap.parse_args(argv)
-    sd = load_state_dict(args.input)
-    fmt = detect_format(sd)
-    hf_cfg = read_hf_config(args.input) if Path(args.input).is_dir() else None
+    try:
+        sd = load_state_dict(args.input)
+        fmt = detect_format(sd)
+        hf_cfg = read_hf_config(args.input) if Path(args.input).is_dir() else None
+    except Exception as exc:  # noqa: BLE001 - whatever a reader raises on this file, the file is the cause
+        _refuse(f"cannot convert {args.input}: {_why(exc)}; give a .safetensors, .pth/.pt/.bin file or an HF model "
+                "directory holding MAE or ViT weights")
     if hf_cfg and hf_cfg["layer_norm_eps"] != OUR_LAYER_NORM_EPS:
         print(f"note: {args.input}/config.json has layer_norm_eps={hf_cfg['layer_norm_eps']:g}; Tessera's and timm's "
               f"MAE ViTs use {OUR_LAYER_NORM_EPS:g} (the official MAE's, which the facebook/vit-mae-* weights were "
@@ -218,15 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         out = to_hf_state_dict(sd, "v4")
     out_path = Path(args.output)
-    if args.to == "encoder" and out_path.suffix == ".safetensors":
-        keep = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "layer_norm_eps")
-        save_encoder(out, out_path, {k: hf_cfg[k] for k in keep if k in hf_cfg} if hf_cfg else None)
-    elif out_path.suffix == ".safetensors":
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in out.items()}, str(out_path), metadata={"format": "pt"})
-    else:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": out}, out_path)
+    try:
+        _write(out, out_path, args.to, hf_cfg)
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(out_path) else ""
+        _refuse(f"cannot write {out_path}: {exc.strerror or exc}{where}; choose another --output")
     n_params = sum(v.numel() for v in out.values())
     print(f"{args.input}: {fmt} format, {len(sd)} tensors -> {out_path} ({args.to}, {len(out)} tensors, "
           f"{n_params:,} values)")

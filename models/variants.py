@@ -8,6 +8,8 @@ patch-4 decoders are about 2/3 of the encoder width and 2-4 blocks deep (enough 
 The patch-2 Tiny variant follows the public CIFAR-10 ViT-T/2 MAE recipe (192-wide, 4-block decoder, 89.8% FT).
 """
 
+import difflib
+
 from .mae import MaskedAutoencoder
 
 _DEC512 = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
@@ -32,6 +34,13 @@ MAE_VARIANTS: dict[str, dict] = {
     "mae_vit_tiny_patch2_dec192d4b": dict(img_size=32, patch_size=2, **_TINY,
                                           decoder_embed_dim=192, decoder_depth=4, decoder_num_heads=3),
 }
+
+
+def unknown_variant(name: str, key: str = "model.name") -> str:
+    """The one-line message for a config's `key=name` that is no variant: the closest names, then all of them."""
+    close = difflib.get_close_matches(name, list(MAE_VARIANTS), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"{key}={name} is no MAE variant; {hint}the variants: {', '.join(sorted(MAE_VARIANTS))}"
 
 
 def variant_kwargs(name: str, **overrides) -> dict:

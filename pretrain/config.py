@@ -72,6 +72,10 @@ class ModelConfig:
         check_objective(self.objective, self.target, self.norm_pix_loss, self.overrides)
         if (why := pretraining_refusal(self.name)) is not None:  # a conv stem: masking is not defined (hybrid.py)
             raise ValueError(why)
+        from models.variants import MAE_VARIANTS, unknown_variant
+
+        if self.name not in MAE_VARIANTS:  # a typo: refused here, naming the closest variant, not when building
+            raise ValueError(unknown_variant(self.name))
 
     def resolved(self) -> ModelConfig:
         """A copy with the objective's defaults filled in (target, mask type and ratio); what the run records."""

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from helpers_launch import (
     ACCELERATE,
+    ENTRY,
     PYTHON,
     ROOT,
     SAMPLE,
@@ -155,11 +156,18 @@ def argv(command: str, *, launcher_sizes=(), program_sizes=(), port=None) -> tup
     return [*words[:script], *launcher_sizes, *words[script:], *program_sizes], extra_env
 
 
-def run_ok(cmd: list[str], extra_env: dict, timeout: float = 300) -> str:
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(**extra_env), capture_output=True, text=True, timeout=timeout)
+def run_ok(cmd: list[str], extra_env: dict, timeout: float = 300, cwd=ROOT) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env(**extra_env), capture_output=True, text=True, timeout=timeout)
     tail = proc.stdout[-3000:] + proc.stderr[-5000:]
     assert proc.returncode == 0, f"{shlex.join(cmd)}\nexit {proc.returncode}\n{tail}"
     return proc.stdout + proc.stderr
+
+
+def from_elsewhere(cmd: list[str]) -> list[str]:
+    """The command as typed in another directory: each word naming a file or folder of the repository (the yaml, the
+    script) given by its absolute path."""
+    return [str(ROOT / w) if "/" in w and not w.startswith("/") and "=" not in w and (ROOT / w).exists() else w
+            for w in cmd]
 
 
 def finished(run_dir, steps: int) -> None:
@@ -265,17 +273,43 @@ def test_gpu1_simple_launcher(tmp_path):
 @pytest.mark.parametrize("name", ["ddp8", "zero2", "zero3"])
 def test_accelerate_yaml(tmp_path, name):
     """ddp8.yaml (bf16 DDP), zero2.yaml and zero3.yaml (DeepSpeed, bf16 from the JSON) as written, with two processes
-    instead of eight; the README's command for ddp8 and zero2, the ZeRO-2 command with zero3.yaml for ZeRO-3."""
+    instead of eight; the README's command for ddp8 and zero2, the ZeRO-2 command with zero3.yaml for ZeRO-3. The
+    ZeRO ones run from a directory other than the repository's, the yaml and the script named by absolute paths
+    (issue 26 item 9: the yaml's relative DeepSpeed JSON path used to fail there on every rank)."""
     source = "zero2" if name == "zero3" else name
     command = documented(rf"^accelerate launch --config_file launch/accelerate/{source}\.yaml pretrain/")[0]
     command = command.replace(f"{source}.yaml", f"{name}.yaml")
     cmd, extra = argv(command, launcher_sizes=["--num_processes", "2"], program_sizes=sizes(tmp_path / "run"))
-    out = run_ok(cmd, extra, timeout=600)
+    elsewhere = name.startswith("zero")
+    if elsewhere:
+        cmd = from_elsewhere(cmd)
+        assert str(ROOT / "launch" / "accelerate" / f"{name}.yaml") in cmd and ENTRY in cmd
+        (tmp_path / "elsewhere").mkdir()
+    out = run_ok(cmd, extra, timeout=600, cwd=tmp_path / "elsewhere" if elsewhere else ROOT)
     kind = "DEEPSPEED" if name.startswith("zero") else "MULTI_CPU"
     assert f"{kind}, world size 2" in out and "precision bf16" in out, out[-3000:]
     if name.startswith("zero"):
         assert f"DeepSpeed ZeRO stage {name[-1]}" in out
     finished(tmp_path / "run", 3)
+
+
+@pytest.mark.slow
+def test_missing_deepspeed_file_is_one_line(tmp_path):
+    """A user's own yaml (the shipped zero2.yaml naming a DeepSpeed JSON that does not exist), launched as documented
+    with two processes: each rank stops with one line naming the file, no trainer traceback."""
+    (command,) = documented(r"^accelerate launch --config_file launch/accelerate/zero2\.yaml --num_processes 2 ")
+    yaml_text = (ROOT / "launch" / "accelerate" / "zero2.yaml").read_text()
+    assert "deepspeed_config_file: launch/deepspeed/zero2.json" in yaml_text
+    (tmp_path / "my_zero2.yaml").write_text(yaml_text.replace("launch/deepspeed/zero2.json", "my_deepspeed.json"))
+    cmd, extra = argv(command.replace("launch/accelerate/zero2.yaml", str(tmp_path / "my_zero2.yaml")),
+                      program_sizes=sizes(tmp_path / "run"))
+    proc = subprocess.run(from_elsewhere(cmd), cwd=tmp_path, env=env(**extra), capture_output=True, text=True,
+                          timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    lines = [line for line in out.splitlines() if line.startswith("pretrain/mae.py: error: ")]
+    assert lines and all("my_deepspeed.json" in line for line in lines), out[-3000:]
+    assert f'File "{ROOT}/pretrain/' not in out and f'File "{ROOT}/launch/' not in out, out[-3000:]
 
 
 @pytest.mark.slow
