@@ -80,7 +80,7 @@ def test_pretraining_refuses_it_in_one_line(tmp_path):
     split = _fake_split(tmp_path / "big")
     cmd = [PYTHON, ENTRY, "data.loader=device", f"data.train={split}", *TINY_MODEL, "data.micro_batch=8",
            f"run.output_dir={tmp_path / 'run'}", "run.steps=2", "run.trackers=none", "run.progress=false",
-           "knn.enabled=false", "vis.every=0"]
+           "knn.enabled=false"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
