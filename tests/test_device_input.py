@@ -111,7 +111,7 @@ def test_stream_with_uint8_transform_resumes_bitwise(tmp_path, workers, monkeypa
 
     def first(n, start=0):
         loader = build_train_loader(spec, batch_size=3, transform=tf, seed=5, num_workers=workers,
-                                    shuffle_buffer=4, start_batch=start)
+                                    shuffle_buffer=4, start_sample=3 * start)
         return [b["image"] for b in _take(loader, n)]
 
     full = first(7)
