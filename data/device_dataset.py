@@ -18,7 +18,9 @@ CPU generator), the global stream is epoch 0's order, then epoch 1's, ..., and r
 started at cursor c0) is global positions c0 + (b*W + r)*m ... + m. Crops and flips are keyed by (seed, epoch,
 image index): at an epoch's first use its table of boxes [N, 4] and flips [N] is drawn at once on the device from a
 generator seeded with mix_seed(seed, "device-crop", e) (one call; the same on every rank of one device type), and a
-batch indexes it. `state_dict` / `load_state_dict` hold the cursor (global samples consumed), in the stream's format;
+batch indexes it. `sample_fn(seed)` extras (as the shard stream's) are made per image once per epoch on the host
+(seed mix_seed(seed, "sample", epoch, image index)) and moved to the device in one copy. `state_dict` /
+`load_state_dict` hold the cursor (global samples consumed), in the stream's format;
 resume is exact at any world size or micro-batch.
 """
 
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -113,7 +115,8 @@ class DeviceTrainLoader:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, img_size: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5,
-                 interpolation: str = "bicubic", start_sample: int = 0, n_corrupt: int = 0):
+                 interpolation: str = "bicubic", start_sample: int = 0, n_corrupt: int = 0,
+                 sample_fn: Callable[[int], dict[str, torch.Tensor]] | None = None):
         if interpolation not in MODES:
             raise ValueError(f"interpolation must be one of {MODES}, got {interpolation!r}")
         if batch_size < 1 or not 0 <= rank < world_size or start_sample < 0:
@@ -126,10 +129,12 @@ class DeviceTrainLoader:
         self.scale, self.ratio, self.hflip, self.mode = tuple(scale), tuple(ratio), hflip, interpolation
         self.cursor = start_sample
         self.n_corrupt = n_corrupt
-        self._epochs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.sample_fn = sample_fn
+        self._epochs: dict[int, dict[str, torch.Tensor]] = {}
 
-    def epoch_tables(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(order [N] image indices, boxes [N, 4] and flips [N] per image index) of an epoch, on the device."""
+    def epoch_tables(self, epoch: int) -> dict[str, torch.Tensor]:
+        """An epoch's tables on the device: "order" [N] (image indices), and per image index "boxes" [N, 4],
+        "flips" [N] and the `sample_fn` outputs [N, ...] (the "extra:" entries)."""
         if epoch not in self._epochs:
             g = torch.Generator().manual_seed(mix_seed(self.seed, "device-perm", epoch))
             order = torch.randperm(self.num_samples, generator=g).to(self.images.device)
@@ -138,9 +143,13 @@ class DeviceTrainLoader:
             boxes = crop_boxes(self.num_samples, self.images.shape[2], self.images.shape[3], self.scale, self.ratio,
                                gc, dev)
             flips = torch.rand(self.num_samples, generator=gc, device=dev) < self.hflip
+            tables = {"order": order, "boxes": boxes, "flips": flips}
+            if self.sample_fn is not None:  # per image, on the host, once per epoch: one copy to the device
+                rows = [self.sample_fn(mix_seed(self.seed, "sample", epoch, i)) for i in range(self.num_samples)]
+                tables.update({f"extra:{k}": torch.stack([r[k] for r in rows]).to(dev) for k in rows[0]})
             for old in [e for e in self._epochs if e < epoch - 1]:  # a batch may straddle two epochs
                 del self._epochs[old]
-            self._epochs[epoch] = (order, boxes, flips)
+            self._epochs[epoch] = tables
         return self._epochs[epoch]
 
     def at(self, start: int, count: int) -> dict:
@@ -150,15 +159,17 @@ class DeviceTrainLoader:
         while p < start + count:  # contiguous slices of at most two epochs' orders: no host-device sync
             epoch, t = divmod(p, n)
             take = min(start + count - p, n - t)
-            order, boxes, flips = self.epoch_tables(epoch)
-            idx = order[t:t + take]
-            parts.append((idx, boxes.index_select(0, idx), flips.index_select(0, idx)))
+            tables = self.epoch_tables(epoch)
+            idx = tables["order"][t:t + take]
+            parts.append({k: v.index_select(0, idx) for k, v in tables.items() if k != "order"} | {"idx": idx})
             p += take
-        idx, boxes, flips = (torch.cat(x) if len(parts) > 1 else x[0] for x in zip(*parts))
-        src = self.images.index_select(0, idx)
-        return {"image": resized_crops(src, boxes, flips, self.img_size, self.mode),
-                "label": self.labels.index_select(0, idx), "n_corrupt": self.n_corrupt,
-                "position": torch.arange(start, start + count, dtype=torch.int64, device=self.images.device)}
+        rows = {k: torch.cat([part[k] for part in parts]) for k in parts[0]} if len(parts) > 1 else parts[0]
+        src = self.images.index_select(0, rows["idx"])
+        out = {"image": resized_crops(src, rows["boxes"], rows["flips"], self.img_size, self.mode),
+               "label": self.labels.index_select(0, rows["idx"]), "n_corrupt": self.n_corrupt,
+               "position": torch.arange(start, start + count, dtype=torch.int64, device=self.images.device)}
+        out.update({k.removeprefix("extra:"): v for k, v in rows.items() if k.startswith("extra:")})
+        return out
 
     def __iter__(self) -> Iterator[dict]:
         while True:
@@ -193,9 +204,11 @@ class DeviceTrainLoader:
 
 def build_device_loader(spec, *, batch_size: int, img_size: int, device, seed: int = 0, rank: int = 0,
                         world_size: int = 1, scale=(0.2, 1.0), hflip: float = 0.5, interpolation: str = "bicubic",
-                        start_sample: int = 0, max_gb: float = 4.0) -> DeviceTrainLoader:
+                        start_sample: int = 0, max_gb: float = 4.0,
+                        sample_fn: Callable[[int], dict[str, torch.Tensor]] | None = None) -> DeviceTrainLoader:
     """Decode the split once, put it on `device` as uint8 and return its augmenting loader (see the module doc).
-    `max_gb`: refuse datasets larger than this (they belong to the shard stream)."""
+    `max_gb`: refuse datasets larger than this (they belong to the shard stream). `sample_fn(seed)`: per-image
+    extras, as the shard stream's (seed mix_seed(seed, "sample", epoch, image index)), made once per epoch."""
     images, labels, skipped = load_split_uint8(spec)
     size_gb = images.numel() / 2**30
     if size_gb > max_gb:
@@ -203,7 +216,7 @@ def build_device_loader(spec, *, batch_size: int, img_size: int, device, seed: i
                          f"loader's {max_gb} GB limit; use the shard stream (data.loader=stream)")
     return DeviceTrainLoader(images.to(device), labels, batch_size=batch_size, img_size=img_size, seed=seed,
                              rank=rank, world_size=world_size, scale=scale, hflip=hflip, interpolation=interpolation,
-                             start_sample=start_sample, n_corrupt=skipped)
+                             start_sample=start_sample, n_corrupt=skipped, sample_fn=sample_fn)
 
 
 __all__ = ["DeviceTrainLoader", "build_device_loader", "crop_boxes", "load_split_uint8", "resized_crops"]

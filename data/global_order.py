@@ -15,8 +15,9 @@ across versions, which it does not promise for `Generator` methods), seeded with
 k_j = raw_j mod S (bias below S / 2^64); shard and drain orders sort raw keys (a stable argsort).
 
 Written by hand: webdataset's shuffle is per reader and seeded from the process; torchdata/litdata shuffle other
-units. The buffer is replayed a block of steps at a time with NumPy (see `_steps`), about 10-30 ns per sample, so
-a reader can afford to walk the whole epoch to find its own positions.
+units. The buffer is replayed a block of steps at a time with NumPy (see `_steps`), about 0.1 us per sample (0.1-0.2
+s for a 1.28M-sample epoch on the 2-core CI machine), so every reader can afford to walk each epoch to find its own
+positions.
 """
 
 from __future__ import annotations

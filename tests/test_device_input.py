@@ -14,6 +14,7 @@ from torchvision import transforms as T
 from data.device_dataset import DeviceTrainLoader, build_device_loader, crop_boxes, resized_crops
 from data.device_erasing import DeviceRandomErasing, erasing_generator
 from data.device_input import device_batches, normalize_on_device
+from data.seeding import mix_seed
 from data.train_stream import build_train_loader
 from data.transforms import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, pretrain_transform
 
@@ -164,13 +165,15 @@ def test_device_loader_gives_every_image_once_per_epoch_over_ranks():
     n = 240
     images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 8, 8).contiguous()
     seen = []
-    for rank in range(3):  # 3 ranks x 20 micro-batches of 4 = one epoch
+    for rank in range(3):  # 3 ranks x 20 micro-batches of 4 = one epoch, and the first of the next
         loader = DeviceTrainLoader(images, torch.arange(n), batch_size=4, img_size=8, seed=1, rank=rank,
-                                   world_size=3)
-        for b in _take(loader, 20):
+                                   world_size=3, sample_fn=lambda s: {"seed": torch.tensor(s)})
+        for b in _take(loader, 21):
             assert torch.equal(b["image"][:, 0, 0, 0].long(), b["label"])
+            assert b["seed"].tolist() == [mix_seed(1, "sample", p // n, i)  # the extras follow the image
+                                          for p, i in zip(b["position"].tolist(), b["label"].tolist())]
             seen += b["label"].tolist()
-    assert sorted(seen) == list(range(n))
+    assert sorted(seen[:80] + seen[84:164] + seen[168:248]) == list(range(n))
 
 
 def test_device_crops_identity_flip_and_box_distribution():

@@ -356,6 +356,29 @@ def test_corrupt_sample_and_truncated_shard_keep_positions(tmp_path):
     assert _same(batches[2:], _take(tmp_path, 4, start_sample=6, **kw))  # resume stays exact
 
 
+def test_truncated_gzip_shard_keeps_positions(tmp_path):
+    """A local .tar.gz is decompressed into memory; cut short, it gives what webdataset's stream gives of it and
+    placeholders for the rest."""
+    import gzip
+
+    _write(tmp_path, [6, 6])
+    plain = tmp_path / "train-000001.tar"
+    cut = tmp_path / "train-000001.tar.gz"
+    packed = gzip.compress(plain.read_bytes())
+    cut.write_bytes(packed[: len(packed) // 2])
+    plain.unlink()
+    meta = json.loads((tmp_path / "dataset.json").read_text())
+    meta["splits"]["train"]["shards"][1]["name"] = cut.name
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    kept = [s["__key__"] for s in wds.tarfile_samples(iter([{"url": str(cut)}]), handler=lambda exc: True)
+            if "jpg" in s]  # a sample cut inside its image (members: cls, then jpg) has no image: corrupt
+    assert 0 < len(kept) < 6
+    batches = _take(tmp_path, 4, batch_size=3)  # one epoch
+    keys = {k for b in batches for k in b["key"]}
+    assert {k for k in keys if k.startswith("s1x")} == set(kept)
+    assert batches[-1]["n_corrupt"] == 6 - len(kept)
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_batch_with_no_good_sample_copies_the_next_batch(tmp_path, workers):
     """Shard order without buffer (shuffle_buffer=0) puts the 6 corrupt samples of one shard in whole batches:
