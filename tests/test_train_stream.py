@@ -204,14 +204,22 @@ def test_per_sample_seeds_follow_the_sample(shards):
         assert torch.equal(TRANSFORM(decode_image(raw)), batches[0]["image"][0])
 
 
-def test_a_reader_decodes_only_its_own_samples(shards, monkeypatch):
+def test_a_reader_reads_and_decodes_only_its_own_samples(shards, monkeypatch):
+    """Rank 1 of 3, started at cursor 30: it reads (seeks) and decodes exactly its batches' samples, none before the
+    cursor and none of the other ranks'."""
     import data.stream_worker as sw
 
-    folder, _ = shards
-    decoded, real = [], sw.decode_image
-    monkeypatch.setattr(sw, "decode_image", lambda s, size=None: (decoded.append(s["__key__"]), real(s, size))[1])
-    batches = _take(folder, 5, rank=1, world_size=3, batch_size=3)
-    assert sorted(decoded) == sorted(k for b in batches for k in b["key"])
+    folder, truth = shards
+    decoded, read = [], []
+    real_decode, real_read = sw.decode_image, ShardReader.read
+    monkeypatch.setattr(sw, "decode_image", lambda s, size=None: (decoded.append(s["__key__"]),
+                                                                  real_decode(s, size))[1])
+    monkeypatch.setattr(ShardReader, "read", lambda self, j, o: (read.append((j, o)), real_read(self, j, o))[1])
+    batches = _take(folder, 5, rank=1, world_size=3, batch_size=3, start_sample=30)
+    keys = [k for b in batches for k in b["key"]]
+    assert [p for b in batches for p in b["position"].tolist()] == [
+        30 + (3 * b + 1) * 3 + q for b in range(5) for q in range(3)]
+    assert decoded == keys and read == [truth[k][:2] for k in keys]
 
 
 def test_streamed_shards_are_read_once_per_epoch_and_reader(shards, monkeypatch):
@@ -305,13 +313,14 @@ def test_state_dict_round_trip_and_what_it_refuses(shards):
 def test_tar_index_reads_what_webdataset_streams(tmp_path):
     """Seeking reads the same samples as webdataset's stream: long names (pax and GNU headers), a directory,
     a metadata member, upper-case suffixes; a truncated copy indexes the samples webdataset yields before the cut."""
+    deep = "d" * 90 + "/" + "e" * 90  # ustar: split into the prefix and name fields
     members = [("__meta__", b"x"), ("sub/", None), ("sub/a.jpg", b"A" * 700), ("sub/a.cls", b"1"),
-               ("n" * 120 + ".JPG", b"B" * 10), ("n" * 120 + ".cls", b"2"), ("c.d.jpg", b"C" * 1500),
-               ("c.d.txt", b"t")]
-    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
+               (deep + ".JPG", b"B" * 10), (deep + ".cls", b"2"), ("c.d.jpg", b"C" * 1500), ("c.d.txt", b"t")]
+    flat = [("n" * 120 + ".jpg", b"F"), ("n" * 120 + ".cls", b"3")]  # pax `path` record / GNU long name
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT):
         path = tmp_path / f"t{fmt}.tar"
         with tarfile.open(path, "w", format=fmt) as tf:
-            for name, data in members:
+            for name, data in members + (flat if fmt != tarfile.USTAR_FORMAT else []):
                 info = tarfile.TarInfo(name)
                 if data is None:
                     info.type = tarfile.DIRTYPE
@@ -323,7 +332,8 @@ def test_tar_index_reads_what_webdataset_streams(tmp_path):
         index = index_tar(str(path))
         with open(path, "rb") as f:
             assert [read_sample(f.fileno(), index, i, str(path)) for i in range(len(index))] == want
-        assert len(want) == 3 and index.problem is None
+        assert len(want) == (3 if fmt == tarfile.USTAR_FORMAT else 4) and index.problem is None
+        assert want[1]["__key__"] == deep and "jpg" in want[1]
         cut = tmp_path / f"cut{fmt}.tar"
         cut.write_bytes(path.read_bytes()[: int(index.ends[2]) - 700])  # inside c.d.jpg
         partial = index_tar(str(cut))
