@@ -3,19 +3,25 @@
 `build_device_loader(spec, batch_size=..., img_size=..., device=...)` decodes every image of the split once (all
 must share one size, e.g. CIFAR-10's 32 px), keeps them as one uint8 [N, C, H, W] tensor on the device (CIFAR-10
 train: 154 MB) and yields the same batches as `data.train_stream.TrainLoader` does: `{"image": uint8 [B, C, S, S],
-"label": [B], "n_corrupt": int}`, already on the device, so `data.device_input.device_batches` only normalises.
-No worker processes, no decoding, no host-to-device copies per step: the loader stops being the bottleneck of a
-GPU recipe on a small dataset.
+"label": [B], "position": int64 [B], "n_corrupt": int}` (no keys), already on the device, so
+`data.device_input.device_batches` only normalises. No worker processes, no decoding, no host-to-device copies per
+step: the loader stops being the bottleneck of a GPU recipe on a small dataset.
 
 Augmentation, on the device, whole batch at once: RandomResizedCrop (torchvision's rule: area U(scale), log-uniform
 aspect ratio, first of 10 draws that fits, else the center crop) resampled with `grid_sample` (bilinear or
 bicubic, no antialiasing: meant for crops that are upsampled or mildly downsampled, as CIFAR's 32 px crops to
 32 px), and horizontal flip. Written by hand: torchvision's v2 transforms draw one box per call, not per sample.
 
-Order and randomness are functions of the position only: epoch e is a permutation drawn from mix_seed(seed,
-"device-perm", e), split over ranks (rank r takes every world_size-th image, whole batches, the rest dropped),
-and batch k's crops come from a device generator seeded with mix_seed(seed, "device-crop", rank, k). `state_dict`
-/ `load_state_dict` record the batch count, so resume is exact, as with the shard stream.
+Order and randomness follow the global position, as in the shard stream (data/train_stream.py), so they do not
+depend on the world size: epoch e is a permutation of the N images drawn from mix_seed(seed, "device-perm", e) (a
+CPU generator), the global stream is epoch 0's order, then epoch 1's, ..., and rank r's micro-batch b (of a loader
+started at cursor c0) is global positions c0 + (b*W + r)*m ... + m. Crops and flips are keyed by (seed, epoch,
+image index): at an epoch's first use its table of boxes [N, 4] and flips [N] is drawn at once on the device from a
+generator seeded with mix_seed(seed, "device-crop", e) (one call; the same on every rank of one device type), and a
+batch indexes it. `sample_fn(seed)` extras (as the shard stream's) are made per image once per epoch on the host
+(seed mix_seed(seed, "sample", epoch, image index)) and moved to the device in one copy. `state_dict` /
+`load_state_dict` hold the cursor (global samples consumed), in the stream's format;
+resume is exact at any world size or micro-batch.
 
 Size check before decoding: the split's size as uint8 RGB is estimated as sample count x image shape (dataset.json's
 `num_samples` and `image_size`; without `image_size` the first image is decoded to learn it), and a split over
@@ -28,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +47,7 @@ from data.seeding import mix_seed
 log = logging.getLogger(__name__)
 ATTEMPTS = 10
 MODES = ("bilinear", "bicubic")
+ORDER_VERSION = "tessera-device-order/1"  # recorded in the state: a shard-stream checkpoint is refused here
 
 
 def _samples(urls: Sequence[str]) -> Iterator[tuple[str, dict]]:
@@ -165,74 +172,109 @@ def resized_crops(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor,
 
 
 class DeviceTrainLoader:
-    """Infinite batches of a device-resident uint8 dataset, augmented on the device; exact resume by batch count."""
+    """Infinite batches of a device-resident uint8 dataset, augmented on the device; exact resume from a cursor."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, img_size: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5,
-                 interpolation: str = "bicubic", start_batch: int = 0, n_corrupt: int = 0):
+                 interpolation: str = "bicubic", start_sample: int = 0, n_corrupt: int = 0,
+                 sample_fn: Callable[[int], dict[str, torch.Tensor]] | None = None):
         if interpolation not in MODES:
             raise ValueError(f"interpolation must be one of {MODES}, got {interpolation!r}")
-        self.per_rank = images.shape[0] // world_size
-        if batch_size < 1 or self.per_rank < batch_size:
-            raise ValueError(f"batch_size {batch_size} must be in [1, {self.per_rank}] (images per rank)")
+        if batch_size < 1 or not 0 <= rank < world_size or start_sample < 0:
+            raise ValueError(f"need batch_size >= 1, 0 <= rank < world_size and start_sample >= 0, got "
+                             f"{batch_size}, {rank}, {world_size}, {start_sample}")
         self.images, self.labels = images, labels.to(images.device)
+        self.num_samples = int(images.shape[0])
         self.batch_size, self.img_size = batch_size, img_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.scale, self.ratio, self.hflip, self.mode = tuple(scale), tuple(ratio), hflip, interpolation
-        self.batches = start_batch
+        self.cursor = start_sample
         self.n_corrupt = n_corrupt
-        self.batches_per_epoch = self.per_rank // batch_size
-        self._epoch, self._order = None, None
+        self.sample_fn = sample_fn
+        self._epochs: dict[int, dict[str, torch.Tensor]] = {}
 
-    def _rank_order(self, epoch: int) -> torch.Tensor:
-        if epoch != self._epoch:
+    def epoch_tables(self, epoch: int) -> dict[str, torch.Tensor]:
+        """An epoch's tables on the device: "order" [N] (image indices), and per image index "boxes" [N, 4],
+        "flips" [N] and the `sample_fn` outputs [N, ...] (the "extra:" entries)."""
+        if epoch not in self._epochs:
             g = torch.Generator().manual_seed(mix_seed(self.seed, "device-perm", epoch))
-            perm = torch.randperm(self.images.shape[0], generator=g)
-            self._order = perm[self.rank::self.world_size][:self.per_rank].to(self.images.device)
-            self._epoch = epoch
-        return self._order
+            order = torch.randperm(self.num_samples, generator=g).to(self.images.device)
+            dev = self.images.device
+            gc = torch.Generator(device=dev).manual_seed(mix_seed(self.seed, "device-crop", epoch))
+            boxes = crop_boxes(self.num_samples, self.images.shape[2], self.images.shape[3], self.scale, self.ratio,
+                               gc, dev)
+            flips = torch.rand(self.num_samples, generator=gc, device=dev) < self.hflip
+            tables = {"order": order, "boxes": boxes, "flips": flips}
+            if self.sample_fn is not None:  # per image, on the host, once per epoch: one copy to the device
+                rows = [self.sample_fn(mix_seed(self.seed, "sample", epoch, i)) for i in range(self.num_samples)]
+                tables.update({f"extra:{k}": torch.stack([r[k] for r in rows]).to(dev) for k in rows[0]})
+            for old in [e for e in self._epochs if e < epoch - 1]:  # a batch may straddle two epochs
+                del self._epochs[old]
+            self._epochs[epoch] = tables
+        return self._epochs[epoch]
 
-    def batch(self, k: int) -> dict:
-        """Rank batch number k (a pure function of k, the seed, rank and world size)."""
-        epoch, b = divmod(k, self.batches_per_epoch)
-        idx = self._rank_order(epoch)[b * self.batch_size:(b + 1) * self.batch_size]
-        dev = self.images.device
-        g = torch.Generator(device=dev).manual_seed(mix_seed(self.seed, "device-crop", self.rank, k))
-        src = self.images.index_select(0, idx)
-        boxes = crop_boxes(len(idx), src.shape[2], src.shape[3], self.scale, self.ratio, g, dev)
-        flip = torch.rand(len(idx), generator=g, device=dev) < self.hflip
-        return {"image": resized_crops(src, boxes, flip, self.img_size, self.mode),
-                "label": self.labels.index_select(0, idx), "n_corrupt": self.n_corrupt}
+    def at(self, start: int, count: int) -> dict:
+        """The batch of global positions [start, start + count): a pure function of them and the seed."""
+        n, parts = self.num_samples, []
+        p = start
+        while p < start + count:  # contiguous slices of at most two epochs' orders: no host-device sync
+            epoch, t = divmod(p, n)
+            take = min(start + count - p, n - t)
+            tables = self.epoch_tables(epoch)
+            idx = tables["order"][t:t + take]
+            parts.append({k: v.index_select(0, idx) for k, v in tables.items() if k != "order"} | {"idx": idx})
+            p += take
+        rows = {k: torch.cat([part[k] for part in parts]) for k in parts[0]} if len(parts) > 1 else parts[0]
+        src = self.images.index_select(0, rows["idx"])
+        out = {"image": resized_crops(src, rows["boxes"], rows["flips"], self.img_size, self.mode),
+               "label": self.labels.index_select(0, rows["idx"]), "n_corrupt": self.n_corrupt,
+               "position": torch.arange(start, start + count, dtype=torch.int64, device=self.images.device)}
+        out.update({k.removeprefix("extra:"): v for k, v in rows.items() if k.startswith("extra:")})
+        return out
 
     def __iter__(self) -> Iterator[dict]:
         while True:
-            out = self.batch(self.batches)
-            self.batches += 1
+            out = self.at(self.cursor + self.rank * self.batch_size, self.batch_size)
+            self.cursor += self.batch_size * self.world_size
             yield out
 
     def state_dict(self) -> dict:
-        return {"batches": self.batches, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
-                "batch_size": self.batch_size, "num_samples": int(self.images.shape[0]), "loader": "device"}
+        return {"cursor": self.cursor, "order": ORDER_VERSION, "seed": self.seed, "num_samples": self.num_samples,
+                "world_size": self.world_size, "batch_size": self.batch_size, "rank": self.rank, "loader": "device"}
 
     def load_state_dict(self, state: dict) -> None:
+        """As `data.train_stream.TrainLoader.load_state_dict`: the cursor (or the entry points' `batches`, micro-batches
+        per rank of this loader's size) at any world size or micro-batch; a different seed, dataset or order (a
+        checkpoint of the shard stream) is refused."""
         mine = self.state_dict()
-        diff = [f"{k}: saved {state[k]} vs now {mine[k]}" for k in mine
-                if k not in ("batches", "rank") and k in state and state[k] != mine[k]]
+        if "order" not in state:
+            log.warning("the loader state comes from the earlier per-rank device order: continuing at the same "
+                        "number of samples, not with the same samples")
+        fields = ("order", "seed", "num_samples") if "order" in state else ("seed", "num_samples")
+        diff = [f"{k}: saved {state[k]} vs now {mine[k]}" for k in fields if k in state and state[k] != mine[k]]
         if diff:
-            raise ValueError("cannot resume the device loader exactly, it is built differently: " + "; ".join(diff))
-        self.batches = int(state["batches"])
+            raise ValueError("cannot resume the device loader exactly, its order is defined differently: "
+                             + "; ".join(diff))
+        if "batches" in state:
+            self.cursor = int(state["batches"]) * self.world_size * self.batch_size
+        elif "cursor" in state:
+            self.cursor = int(state["cursor"])
+        else:
+            raise ValueError(f"loader state has no cursor (keys: {sorted(state)})")
 
 
 def build_device_loader(spec, *, batch_size: int, img_size: int, device, seed: int = 0, rank: int = 0,
                         world_size: int = 1, scale=(0.2, 1.0), hflip: float = 0.5, interpolation: str = "bicubic",
-                        start_batch: int = 0, max_gb: float = 4.0) -> DeviceTrainLoader:
+                        start_sample: int = 0, max_gb: float = 4.0,
+                        sample_fn: Callable[[int], dict[str, torch.Tensor]] | None = None) -> DeviceTrainLoader:
     """Decode the split once, put it on `device` as uint8 and return its augmenting loader (see the module doc).
     `max_gb`: refuse splits larger than this many GiB as uint8 (they belong to the shard stream), before decoding
-    them (`load_split_uint8`)."""
+    them (`load_split_uint8`). `sample_fn(seed)`: per-image extras, as the shard stream's (seed mix_seed(seed,
+    "sample", epoch, image index)), made once per epoch."""
     images, labels, skipped = load_split_uint8(spec, max_gb=max_gb)
     return DeviceTrainLoader(images.to(device), labels, batch_size=batch_size, img_size=img_size, seed=seed,
                              rank=rank, world_size=world_size, scale=scale, hflip=hflip, interpolation=interpolation,
-                             start_batch=start_batch, n_corrupt=skipped)
+                             start_sample=start_sample, n_corrupt=skipped, sample_fn=sample_fn)
 
 
 __all__ = ["DeviceTrainLoader", "build_device_loader", "crop_boxes", "load_split_uint8", "resized_crops",

@@ -2,7 +2,9 @@
 
 Spec forms:
 - `data/sample` or `data/sample:test`: a folder holding dataset.json (see data/make_shards.py); split default train.
-- `path/to/dataset.json` or `path/to/dataset.json:test`: the same, naming the file.
+- `path/to/dataset.json` or `path/to/dataset.json:test`: the same, naming the file. A `shard_url` in the split's
+  entry (or at the top) puts the shards elsewhere: `"pipe:aws s3 cp s3://bucket/in1k/{name} -"` (`{name}` is each
+  listed shard name), so remote shards come with their counts.
 - `/shards/train-{000000..000099}.tar` or a list of paths: local shards; counts come from a dataset.json next to
   them when it lists these shard names, else they are unknown (None).
 - `pipe:aws s3 cp s3://bucket/train-{000000..000099}.tar -`, `https://host/train-{000000..000009}.tar`, any
@@ -77,10 +79,16 @@ def _from_json(meta_path: Path, split: str | None) -> DatasetInfo:
         raise DatasetError(f"{meta_path} has no split '{split}' (it has: {', '.join(sorted(splits)) or 'none'})")
     entry = splits[split]
     shards = entry["shards"]
-    urls = [str(meta_path.parent / s["name"]) for s in shards]
-    missing = [u for u in urls if not os.path.exists(u)]
-    if missing:
-        raise DatasetError(f"{len(missing)} shard(s) listed in {meta_path} are missing, e.g. {missing[0]}")
+    template = entry.get("shard_url") or meta.get("shard_url")
+    if template:  # shards elsewhere (pipe:, http ...): "{name}" stands for each shard's name
+        if "{name}" not in template:
+            raise DatasetError(f"{meta_path}: shard_url {template!r} has no {{name}} in it")
+        urls = [template.replace("{name}", s["name"]) for s in shards]
+    else:
+        urls = [str(meta_path.parent / s["name"]) for s in shards]
+        missing = [u for u in urls if not os.path.exists(u)]
+        if missing:
+            raise DatasetError(f"{len(missing)} shard(s) listed in {meta_path} are missing, e.g. {missing[0]}")
     names = entry.get("class_names")
     return DatasetInfo(
         urls=urls,

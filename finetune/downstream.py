@@ -63,7 +63,7 @@ class Downstream:
         session (its position is saved and restored), as device batches."""
         if data.loader == "synthetic":
             loader = SyntheticLoader(batch_size=rt.micro_batch, channels=len(self.mean), img_size=self.img_size,
-                                     num_classes=self.num_classes, seed=seed, rank=rt.rank)
+                                     num_classes=self.num_classes, seed=seed, rank=rt.rank, world_size=rt.world)
         else:
             loader = build_train_loader(self.train_spec, batch_size=rt.micro_batch, transform=transform, seed=seed,
                                         rank=rt.rank, world_size=rt.world, num_workers=data.num_workers,

@@ -190,7 +190,9 @@ class Session:
         self._objects[name] = obj
 
     def register_loader(self, loader: Any) -> None:
-        """The training loader: its state at the step is saved and restored (position = steps x accumulation)."""
+        """The training loader: its state at the step is saved and restored. The position is a cursor of global
+        samples, `step x global batch`, independent of the world size (not the loader's own counter, which runs
+        ahead by the batches prefetched)."""
         self._loader = loader
 
     def keep(self, name: str, default: Any) -> Any:
@@ -290,7 +292,8 @@ class Session:
         state = {**loop_state, "values": self.values, "config": self.config, "fingerprint": self.fingerprint,
                  "global_batch": self.rt.global_batch, "registered": {n: nest(v) for n, v in registered.items()}}
         if self._loader is not None:
-            state["loader"] = {**self._loader.state_dict(), "batches": step * self.rt.accum}
+            loader = {k: v for k, v in self._loader.state_dict().items() if k != "batches"}
+            state["loader"] = {**loader, "cursor": step * self.rt.global_batch}
         return self.ckpt.save(step, state, tensors)
 
     def log(self, step: int, values: dict) -> None:

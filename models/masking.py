@@ -113,6 +113,20 @@ def block_mask_noise(
     return blocks.flatten(1).to(uniform.device).float() + uniform  # [N, L]
 
 
+def sample_noise(seed: int, *, grid_h: int, grid_w: int, mask_type: str, mask_ratio: float, min_block: int = 16,
+                 max_block: int | None = None) -> dict[str, torch.Tensor]:
+    """One sample's masking noise {"noise": [H*W]} from its own seed (random or BEiT block masks): given to the
+    training stream as its per-sample function (`functools.partial` of this), so a sample gets the same mask wherever
+    and by whichever process it is read."""
+    generator = torch.Generator().manual_seed(seed)
+    if mask_type == "block":
+        noise = block_mask_noise(1, grid_h, grid_w, mask_ratio, generator=generator, min_block=min_block,
+                                 max_block=max_block)[0]
+    else:
+        noise = torch.rand(grid_h * grid_w, generator=generator)
+    return {"noise": noise}  # [L]
+
+
 def mask_from_noise(noise: torch.Tensor, mask_ratio: float) -> torch.Tensor:
     """The mask [N, L] (float32, 1 = masked) that `random_masking` makes from `noise`, without gathering tokens:
     for objectives whose encoder sees every position (BEiT/SimMIM-style mask tokens)."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -49,6 +50,7 @@ from launch.warm_start import set_layer_norm_eps, warm_start
 from models.compile import compile_blocks, compile_enabled
 from models.convert import save_encoder, to_encoder_state_dict
 from models.data2vec import EmaTeacher
+from models.masking import sample_noise
 from models.objectives import create_pretrainer, predicts_pixels, pretrain_flops_per_image
 from pictures.recon_grid import save_reconstruction_grid
 from pretrain.config import PretrainConfig
@@ -120,26 +122,36 @@ def train_transform(cfg: PretrainConfig, output: str = "float"):
                               output=output)
 
 
-def build_loader(cfg: PretrainConfig, rt: Runtime, info):
+def mask_noise_fn(raw):
+    """Each sample's masking noise from its own seed, made where the sample is read (the training stream's
+    `sample_fn`): a sample gets the same mask whatever the world size, worker count or micro-batch."""
+    gh, gw = raw.grid_size
+    return partial(sample_noise, grid_h=gh, grid_w=gw, mask_type=raw.mask_type, mask_ratio=raw.mask_ratio,
+                   min_block=raw.mask_min_block, max_block=raw.mask_max_block)
+
+
+def build_loader(cfg: PretrainConfig, rt: Runtime, info, raw):
     """The training loader: shards through worker processes (`data.loader=stream`), the whole split on the device as
-    uint8 (`device`, CIFAR-scale data; crop and flip on the device), or random images (`synthetic`, no I/O)."""
+    uint8 (`device`, CIFAR-scale data; crop and flip on the device), or random images (`synthetic`, no I/O). The
+    stream and the device loader carry each sample's masking noise (`mask_noise_fn`)."""
     d = cfg.data
     if d.loader == "synthetic":
         return SyntheticLoader(batch_size=rt.micro_batch, channels=cfg.model.in_chans, img_size=cfg.model.img_size,
-                               num_classes=info.num_classes or 10, seed=cfg.run.seed, rank=rt.rank)
+                               num_classes=info.num_classes or 10, seed=cfg.run.seed, rank=rt.rank,
+                               world_size=rt.world)
     if d.loader == "device":
         if d.augment == "none" or cfg.model.in_chans != 3:
             raise ConfigError("data.loader=device crops 8-bit RGB images on the device: it needs data.augment=crop "
                               "and 3 channels")
         return build_device_loader(d.train, batch_size=rt.micro_batch, img_size=cfg.model.img_size,
                                    device=rt.device, seed=cfg.run.seed, rank=rt.rank, world_size=rt.world,
-                                   scale=tuple(d.crop_scale), hflip=d.hflip)
+                                   scale=tuple(d.crop_scale), hflip=d.hflip, sample_fn=mask_noise_fn(raw))
     kwargs = {} if d.shuffle_buffer is None else {"shuffle_buffer": d.shuffle_buffer}
     pin = d.pin_memory if d.pin_memory is not None else rt.device.type == "cuda"
     return build_train_loader(d.train, batch_size=rt.micro_batch,
                               transform=train_transform(cfg, uint8_output(info.meta, cfg.model.in_chans)),
                               seed=cfg.run.seed, rank=rt.rank, world_size=rt.world, num_workers=d.num_workers,
-                              pin_memory=pin, **kwargs)
+                              pin_memory=pin, sample_fn=mask_noise_fn(raw), **kwargs)
 
 
 def fixed_images(cfg: PretrainConfig, device) -> torch.Tensor | None:
@@ -241,7 +253,7 @@ def train(cfg: PretrainConfig) -> dict:
             session.register("teacher", teacher)
         corrupt = CorruptCount(rt.accelerator)
         session.register("corrupt", corrupt)
-        loader = build_loader(cfg, rt, info)
+        loader = build_loader(cfg, rt, info, raw)
         session.register_loader(loader)
         start = session.begin()
         rt.say(summary(cfg, rt, raw, info, peak_lr, flops, start))
@@ -251,9 +263,11 @@ def train(cfg: PretrainConfig) -> dict:
 
         def step_fn(batch: dict) -> torch.Tensor:
             corrupt.update(batch)
+            noise = batch.get("noise")  # [B, L], the samples' own masks (none from the synthetic loader)
             if teacher is None:
-                return model(batch["image"])[0]
-            return model(batch["image"], teacher.targets(batch["image"]))[0]  # data2vec: targets from the whole image
+                return model(batch["image"], noise=noise)[0]
+            # data2vec: the teacher's targets from the whole image
+            return model(batch["image"], teacher.targets(batch["image"]), noise=noise)[0]
 
         def log_extra(step: int) -> dict:  # log steps only: an all-reduce and a host read
             out = {"n_corrupt": corrupt.total(), "batches": step * rt.accum}

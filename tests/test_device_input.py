@@ -14,6 +14,7 @@ from torchvision import transforms as T
 from data.device_dataset import DeviceTrainLoader, build_device_loader, crop_boxes, resized_crops
 from data.device_erasing import DeviceRandomErasing, erasing_generator
 from data.device_input import device_batches, normalize_on_device
+from data.seeding import mix_seed
 from data.train_stream import build_train_loader
 from data.transforms import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, pretrain_transform
 
@@ -111,7 +112,7 @@ def test_stream_with_uint8_transform_resumes_bitwise(tmp_path, workers, monkeypa
 
     def first(n, start=0):
         loader = build_train_loader(spec, batch_size=3, transform=tf, seed=5, num_workers=workers,
-                                    shuffle_buffer=4, start_batch=start)
+                                    shuffle_buffer=4, start_sample=3 * start)
         return [b["image"] for b in _take(loader, n)]
 
     full = first(7)
@@ -133,21 +134,46 @@ def test_device_loader_resumes_exactly_and_feeds_device_batches():
     loader = build_device_loader(f"{SAMPLE}:test", batch_size=16, img_size=32, device="cpu", seed=3)
     images, labels = loader.images, loader.labels
     assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32) and loader.n_corrupt == 0
-    batches = _take(loader, 5)
-    assert loader.state_dict()["batches"] == 5
+    batches = _take(loader, 66)  # 1056 images: into the second epoch of 1000
+    assert loader.state_dict()["cursor"] == 66 * 16
+    assert [p for b in batches for p in b["position"].tolist()] == list(range(66 * 16))
     again = DeviceTrainLoader(images, labels, batch_size=16, img_size=32, seed=3)
-    again.load_state_dict({"batches": 3, "seed": 3, "world_size": 1, "batch_size": 16})
+    again.load_state_dict({**loader.state_dict(), "cursor": 3 * 16})
     for a, b in zip(batches[3:], _take(again, 2)):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
     assert not torch.equal(batches[0]["image"], batches[1]["image"])
-    with pytest.raises(ValueError, match="batch_size"):
-        again.load_state_dict({"batches": 3, "batch_size": 8})
+    again.load_state_dict({**loader.state_dict(), "batches": 5})  # the entry points' micro-batches per rank
+    assert again.cursor == 80
+    with pytest.raises(ValueError, match="seed: saved 4"):
+        again.load_state_dict({**loader.state_dict(), "seed": 4})
+    with pytest.raises(ValueError, match="order: saved tessera-order/1"):  # a shard-stream checkpoint
+        again.load_state_dict({**loader.state_dict(), "order": "tessera-order/1"})
     out = next(iter(device_batches(loader, "cpu", mean=CIFAR10_MEAN, std=CIFAR10_STD)))
     assert out["image"].dtype == torch.float32 and out["label"].shape == (16,)
-    # two ranks split each epoch: disjoint images
-    r0, r1 = (DeviceTrainLoader(images, labels, batch_size=8, img_size=32, seed=3, rank=r, world_size=2)
-              for r in (0, 1))
-    assert set(r0._rank_order(0).tolist()).isdisjoint(r1._rank_order(0).tolist())
+    # world sizes 2 and 4 (same global batch): the ranks' micro-batch k together is the single process's batch k,
+    # crops included (keyed by epoch and image), also across the epoch boundary and after a resume at cursor 48
+    for world in (2, 4):
+        ranks = [_take(DeviceTrainLoader(images, labels, batch_size=16 // world, img_size=32, seed=3, rank=r,
+                                         world_size=world, start_sample=48), 63) for r in range(world)]
+        for k, ref in enumerate(batches[3:]):
+            assert torch.equal(torch.cat([ranks[r][k]["image"] for r in range(world)]), ref["image"])
+            assert torch.equal(torch.cat([ranks[r][k]["label"] for r in range(world)]), ref["label"])
+
+
+def test_device_loader_gives_every_image_once_per_epoch_over_ranks():
+    """Images of constant value i (their index) stay constant through any crop: the value names the image."""
+    n = 240
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 8, 8).contiguous()
+    seen = []
+    for rank in range(3):  # 3 ranks x 20 micro-batches of 4 = one epoch, and the first of the next
+        loader = DeviceTrainLoader(images, torch.arange(n), batch_size=4, img_size=8, seed=1, rank=rank,
+                                   world_size=3, sample_fn=lambda s: {"seed": torch.tensor(s)})
+        for b in _take(loader, 21):
+            assert torch.equal(b["image"][:, 0, 0, 0].long(), b["label"])
+            assert b["seed"].tolist() == [mix_seed(1, "sample", p // n, i)  # the extras follow the image
+                                          for p, i in zip(b["position"].tolist(), b["label"].tolist())]
+            seen += b["label"].tolist()
+    assert sorted(seen[:80] + seen[84:164] + seen[168:248]) == list(range(n))
 
 
 def test_device_crops_identity_flip_and_box_distribution():
