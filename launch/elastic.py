@@ -100,8 +100,9 @@ def plan_batch(saved: dict | None, world: int, micro: int | None, global_: int |
     was = (f"saved: micro {saved_micro} x {saved.get('world_size')} processes x {saved.get('grad_accum_steps')} "
            f"accumulation" if saved_micro else f"saved on {saved.get('world_size')} processes")
     why = (f"the config's split would make {g}" if g is not None else "the config's split does not fit")
+    limit = f"data.micro_batch={micro}" if micro else f"the saved {saved_micro}" if saved_micro else "none"
     note = (f"global batch {kept} kept ({why}): micro {new_micro} x {world} processes x {new_accum} accumulation "
-            f"({was}); micro-batch at most {cap}")
+            f"({was}; micro-batch limit: {limit})")
     return BatchPlan(new_micro, new_accum, kept, note)
 
 
