@@ -87,7 +87,7 @@ class TrainLoop:
         deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
         params = [p for p in self.model.parameters() if p.requires_grad]
         guard = None if deepspeed else NonFiniteGuard(self.optimizer, acc.scaler, self.model)
-        stop = StopFlag(acc.num_processes)
+        stop = self.session.stop or StopFlag(acc.num_processes)  # the session's, installed when the run began
         # counters live on the device and are read at log and save steps only
         nf_total = torch.tensor(float(state.get("nonfinite_total", 0)), device=device)
         nf_run = torch.tensor(float(state.get("nonfinite_consecutive", 0)), device=device)
@@ -108,9 +108,8 @@ class TrainLoop:
                 first = self._next_batch()
             except StopRequested as req:
                 bar.close()
-                stop.restore()
                 return LoopResult(step=step, loss=None, stopped_by=str(req), checkpoint=None)
-            stop.waiting = False
+        stop.waiting = False
         while step < run.steps and stopped_by is None:
             lr = lr_at(step, peak_lr=self.peak_lr, warmup_steps=optim.warmup_steps, total_steps=run.steps,
                        min_lr=optim.min_lr)

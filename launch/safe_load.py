@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+DATA_SUFFIXES = (".safetensors", ".json", ".jsonl", ".yaml", ".yml")  # read without pickle; never a pickle
 ZIP_MAGIC = b"PK\x03\x04"
 
 
@@ -57,11 +58,20 @@ def is_pickle_file(path: Path) -> bool:
 
 
 def unsafe_file(path: Path) -> str | None:
-    """Why `path` cannot be read without running code, or None when it is plain data (or not a pickle at all)."""
+    """Why `path` cannot be read without running code, or None when it is plain data (or not a pickle at all). A
+    pickle under the name of a data file (.safetensors, .json, .yaml) is refused too: something replaced the file."""
     if not is_pickle_file(path):
         return None
     with path.open("rb") as fh:
-        mmap = fh.read(4) == ZIP_MAGIC
+        head = fh.read(9)
+    if path.suffix in DATA_SUFFIXES:
+        # a safetensors file starts with its header's length (8 bytes, any value) and then "{"; a pickle with 0x80 and
+        # its protocol (2 to 5)
+        data = path.suffix == ".safetensors" and head[8:9] == b"{"
+        if not data and head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+            return f"it is a pickle, not the {path.suffix} file that belongs there"
+        return None
+    mmap = head[:4] == ZIP_MAGIC
     try:
         with torch.serialization.safe_globals(_allowed_globals()), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's note on pickle protocols other than its own
