@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import DOWNSTREAM, TINY_MODEL
-from helpers_launch import ENTRY, SAMPLE, kill_group, start, tiny_args
+from helpers_launch import ENTRY, PYTHON, SAMPLE, kill_group, start, tiny_args
 
 from core.errors import UserError
 from launch.errors import cli
@@ -148,7 +148,7 @@ def test_unbounded_micro_batch_is_refused_at_start(tmp_path, capsys):
 def _stalled_dataset(tmp_path: Path) -> Path:
     """The shipped sample's train split described by a dataset.json whose shards are read through a command that
     never delivers (remote shards that stall): a run waits for its first batch for ever."""
-    meta = json.loads((SAMPLE / "dataset.json").read_text())
+    meta = json.loads((Path(SAMPLE) / "dataset.json").read_text())
     out = tmp_path / "stalled"
     out.mkdir()
     meta["shard_url"] = "pipe:tail -f /dev/null # {name}"  # a download that never delivers a byte
@@ -162,7 +162,7 @@ def test_stop_signal_while_waiting_for_the_first_batch(tmp_path):
     """Item 4: SIGTERM to the process group of a run still waiting for its first batch ends it promptly, exit 0,
     with a message; nothing was saved (there is nothing to save)."""
     run = tmp_path / "run"
-    cmd = ["python", ENTRY, *TINY_MODEL, f"data.train={_stalled_dataset(tmp_path)}", "data.num_workers=1",
+    cmd = [PYTHON, ENTRY, *TINY_MODEL, f"data.train={_stalled_dataset(tmp_path)}", "data.num_workers=1",
            "data.micro_batch=8", f"run.output_dir={run}", "run.trackers=none", "run.progress=false",
            "knn.enabled=false", "vis.num_images=0"]
     proc = start(cmd)
