@@ -79,8 +79,8 @@ def unsafe_file(path: Path) -> str | None:
     except pickle.UnpicklingError as exc:
         named = re.search(r"GLOBAL ([\w.]+)", str(exc))
         return f"it is a pickle that calls {named.group(1) if named else 'code'} when loaded"
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        return f"it is not a readable torch.save file ({type(exc).__name__}: {str(exc).strip()[:160]})"
+    except (RuntimeError, EOFError, ValueError, OSError):
+        return None  # damaged (e.g. truncated), not code: the checkpoint's own check says so and falls back
     return None
 
 
