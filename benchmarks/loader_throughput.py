@@ -12,8 +12,7 @@ Each case runs the real loader in this process (`build_train_loader`, num_worker
 per-sample seeding, decode, augmentation and collation all counted) and reports CPU ms per image
 (`time.process_time`, so other processes' load counts less than in wall time). The two paths are timed in
 alternating rounds (A B A B ...) so changing machine load hits both alike; the median round is reported, with the
-spread. `--workers-check` adds wall-clock img/s through one worker process (the cost of handing batches over).
-Decode alone (PIL vs decode_jpeg, full size) is timed too; `--agreement N` compares the two paths' pixels on N
+spread. Decode alone (PIL vs decode_jpeg, full size) is timed too; `--agreement N` compares the two paths' pixels on N
 images of the 32 px sample (same seeds). Prints tables and writes JSON.
 """
 
@@ -21,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -30,19 +28,18 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import PIL  # noqa: E402
 import torch  # noqa: E402
-import torchvision  # noqa: E402
 import webdataset as wds  # noqa: E402
 
 from benchmarks import make_bench_shards  # noqa: E402
-from benchmarks.common import machine_info, print_table, write_json  # noqa: E402
+from benchmarks.common import print_table, provenance, write_json  # noqa: E402
 from data.decode import decode_image, load_image, uint8_pixels  # noqa: E402
 from data.info import resolve  # noqa: E402
 from data.train_stream import build_train_loader  # noqa: E402
 from data.transforms import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, pretrain_transform  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+SCRATCH = ROOT / "benchmarks" / "results" / "scratch"  # generated shards (benchmarks/results/ is git-ignored)
 TARGETS_MS = {"photo-like 256-500 px -> 224": 1.2, "pre-resized 256 -> 224": 0.8}  # issue 13, per core
 
 
@@ -76,21 +73,6 @@ def time_paths(spec, img_size, mean, std, batch_size, warmup, batches, rounds) -
     return {name: {"cpu_ms_per_image": statistics.median(v), "min": min(v), "max": max(v), "rounds": v,
                    "batch_dtype": per_round[name + "_dtype"]}
             for name, v in per_round.items() if not name.endswith("_dtype")}
-
-
-def time_workers(spec, img_size, mean, std, batch_size, warmup, batches) -> dict[str, float]:
-    """Wall img/s through one worker process per path (includes handing the batches to the main process)."""
-    out = {}
-    for path in ("float", "uint8"):
-        it = iter(_loader(spec, img_size, mean, std, path, batch_size, workers=1))
-        for _ in range(warmup):
-            next(it)
-        t0 = time.perf_counter()
-        for _ in range(batches):
-            next(it)
-        out[path] = batches * batch_size / (time.perf_counter() - t0)
-        del it
-    return out
 
 
 def time_decode(spec: str, limit: int = 200) -> dict:
@@ -138,7 +120,8 @@ def pixel_agreement(spec: str, img_size: int, n: int) -> list[dict]:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "loader.json"))
-    p.add_argument("--scratch", default="/tmp/tessera-bench", help="folder for the generated shards")
+    p.add_argument("--scratch", default=str(SCRATCH), help="folder for the generated shards (default: "
+                                                             "benchmarks/results/scratch)")
     p.add_argument("--images", type=int, default=300, help="photo-like images to generate")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--warmup", type=int, default=1)
@@ -146,7 +129,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--cases", default="photo,resized,sample", help="comma list of photo, resized, sample")
-    p.add_argument("--workers-check", action="store_true", help="also time one worker process per path (wall)")
     p.add_argument("--agreement", type=int, default=0,
                    help="also compare the two paths' pixels on this many images of the 32 px sample")
     args = p.parse_args(argv)
@@ -169,9 +151,6 @@ def main(argv: list[str] | None = None) -> dict:
         entry = {"case": name, "spec": spec, "img_size": size, **{k: v for k, v in res.items()}}
         if size != 32:
             entry["decode"] = time_decode(spec)
-        if args.workers_check:
-            entry["one_worker_img_s"] = time_workers(spec, size, mean, std, args.batch_size, args.warmup,
-                                                     args.batches)
         results["cases"].append(entry)
         old, new = res["float"]["cpu_ms_per_image"], res["uint8"]["cpu_ms_per_image"]
         rows.append({"case": name, "old": old, "old_spread": f"{res['float']['min']:.2f}-{res['float']['max']:.2f}",
@@ -187,20 +166,14 @@ def main(argv: list[str] | None = None) -> dict:
                                ("decode_pil", "decode PIL ms"), ("decode_tv", "decode_jpeg ms")],
                         title=f"CPU ms per image, one core, {args.rounds} alternating rounds x {args.batches} "
                               f"batches of {args.batch_size}")
-    if args.workers_check:
-        print_table([{"case": e["case"], **{f"w_{k}": v for k, v in e["one_worker_img_s"].items()}}
-                     for e in results["cases"]],
-                    [("case", "case"), ("w_float", "1 worker img/s, PIL float"), ("w_uint8", "1 worker img/s, uint8")])
     results["table"] = table
     if args.agreement:
         results["agreement"] = pixel_agreement(str(ROOT / "data" / "sample"), 32, args.agreement)
         print_table(results["agreement"], [("transform", "32 px sample: uint8 vs PIL path"), ("images", "images"),
                                            ("mean_abs_levels", "mean |diff| (levels)"), ("max_abs_levels", "max"),
                                            ("share_differing", "share of values differing")])
-    results["env"] = {**machine_info(torch.device("cpu")), "pillow": PIL.__version__,
-                      "torchvision": torchvision.__version__, "loadavg_before": load_before,
-                      "loadavg_after": load_after, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-                      "platform": platform.platform(), "args": vars(args)}
+    results["env"] = {**provenance(), "loadavg_before": load_before, "loadavg_after": load_after,
+                      "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "args": vars(args)}
     write_json(args.out, results)
     return results
 
