@@ -1,10 +1,7 @@
-"""Benchmark plumbing: step timing, FLOPs, memory and the peak rate behind MFU, the provenance a benchmark's JSON
-carries (the fields of a run's run.json, from the same functions: `launch/run_record.py`, `launch/hardware.py`), and
-the table and JSON writers. The real loops are timed through the entry points themselves (benchmarks/entry_loop.py).
-
-Timing: warm-up steps untimed (compilation, allocator and library handles), then timed steps (CUDA events, or a
-synchronised host clock), the median reported with min-max as the spread. Inputs are random, never zeros.
-"""
+"""Benchmark plumbing: step timing (warm-up untimed, then CUDA events or the host clock per step; the median, with
+min-max as the spread), FLOPs, memory and the peak rate behind MFU, the provenance a benchmark's JSON carries
+(run.json's fields, from the same functions), and the table and JSON writers. The real loops are timed through the
+entry points themselves (benchmarks/entry_loop.py)."""
 
 from __future__ import annotations
 
@@ -27,9 +24,8 @@ MEASURED_BF16_TFLOPS = 800.0  # H100 bf16 dense matmul as measured (REFERENCE-PE
 
 def provenance() -> dict:
     """When, which code and packages, on what hardware (as run.json records them), and torch's thread count."""
-    hardware = {k: v for k, v in describe().items() if k != "host"}
-    return {"time": utc_now(), "git": git_state(), "packages": package_versions(), "hardware": hardware,
-            "torch_threads": torch.get_num_threads()}
+    return {"time": utc_now(), "git": git_state(), "packages": package_versions(), "torch_threads":
+            torch.get_num_threads(), "hardware": {k: v for k, v in describe().items() if k != "host"}}
 
 
 def sync(device: torch.device) -> None:
@@ -38,51 +34,34 @@ def sync(device: torch.device) -> None:
 
 
 def time_steps(step: Callable[[int], None], *, steps: int, warmup: int, device: torch.device) -> dict:
-    """`warmup` untimed then `steps` timed calls of `step(i)`: per-step ms (median, min, max, all) and the wall time
-    of the first call (compilation included)."""
-    sync(device)
-    t0, first = time.perf_counter(), None
+    """`warmup` untimed calls of `step(i)` (their wall time, compilation included), then `steps` timed ones."""
+    t0 = time.perf_counter()
     for i in range(warmup):
         step(i)
-        if i == 0:
-            sync(device)
-            first = time.perf_counter() - t0
+    sync(device)
+    warmup_s, spans = time.perf_counter() - t0, []
+    for i in range(warmup, warmup + steps):
+        if device.type == "cuda":
+            spans.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            spans[-1][0].record()
+            step(i)
+            spans[-1][1].record()
+        else:
+            s0 = time.perf_counter()
+            step(i)
+            spans.append((time.perf_counter() - s0) * 1e3)
+    sync(device)
+    ms = [a.elapsed_time(b) for a, b in spans] if device.type == "cuda" else spans
+    return {"step_ms_median": statistics.median(ms), "step_ms_min": min(ms), "step_ms_max": max(ms),
+            "step_ms": [round(t, 3) for t in ms], "warmup_s": warmup_s}
+
+
+def peak_memory_gb(device: torch.device) -> tuple[float, str]:
+    """(GB, what it is): CUDA max_memory_allocated since the last reset, or on CPU the process's peak resident set."""
     sync(device)
     if device.type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
-        for i, (a, b) in enumerate(events):
-            a.record()
-            step(warmup + i)
-            b.record()
-        sync(device)
-        times = [a.elapsed_time(b) for a, b in events]
-    else:
-        times = []
-        for i in range(steps):
-            s0 = time.perf_counter()
-            step(warmup + i)
-            times.append((time.perf_counter() - s0) * 1e3)
-    return {"step_ms_median": statistics.median(times), "step_ms_min": min(times), "step_ms_max": max(times),
-            "step_ms": [round(t, 3) for t in times], "first_step_s": first if first is not None else times[0] / 1e3}
-
-
-class PeakMemory:
-    """Peak memory over a block: CUDA max_memory_allocated, or on CPU the process's peak resident set so far."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.kind = device, ("cuda_max_memory_allocated" if device.type == "cuda" else
-                                          "cpu_process_peak_rss")
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        sync(self.device)
-        peak = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: kilobytes
-        self.gb = peak / 2**30
+        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "cpu_process_peak_rss"  # Linux: kilobytes
 
 
 def count_flops(fn: Callable[[], None]) -> int:
@@ -101,66 +80,44 @@ def count_flops(fn: Callable[[], None]) -> int:
     return int(counter.get_total_flops())
 
 
-def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 10) -> float:
-    """Measured dense matmul rate (TFLOP/s) of an n x n x n product: the fastest repeat after one warm-up (a ceiling:
-    on a shared CPU the median would count other processes' load)."""
-    g = torch.Generator().manual_seed(1)
-    a, b = (torch.randn(n, n, generator=g).to(device, dtype) for _ in range(2))
-    res = time_steps(lambda i: torch.matmul(a, b), steps=repeats, warmup=1, device=device)
-    return 2 * n**3 / (res["step_ms_min"] / 1e3) / 1e12
-
-
 def resolve_peak(precision: str, device: torch.device, given: float | None = None) -> dict:
-    """The peak behind MFU and where it came from: `given`; on CUDA bf16, 800 TFLOP/s (measured on H100) with the
-    device's data-sheet peak beside it; otherwise a matmul measured here in the step's compute dtype."""
+    """The peak behind MFU and where it came from: `given`; on CUDA bf16, 800 TFLOP/s (measured on H100); else the
+    device's data-sheet peak (launch/hardware.py; none for CPUs: no MFU then)."""
+    spec = peak_tflops(device_name(device), precision)
     if given is not None:
-        return {"peak_tflops": given, "peak_source": "--peak-tflops"}
-    n = 8192 if device.type == "cuda" else 1024
-    measured = matmul_tflops(device, PRECISIONS[precision], n)
-    info = {"matmul_tflops_measured": measured, "matmul_shape": f"{n}^3 {precision}, {torch.get_num_threads()} "
-                                                                f"torch thread(s)"}
+        return {"peak_tflops": given, "peak_source": "--peak-tflops", "spec_tflops": spec}
     if device.type == "cuda" and precision == "bf16":
-        return {**info, "peak_tflops": MEASURED_BF16_TFLOPS, "peak_source": "bf16 dense, measured on H100",
-                "spec_tflops": peak_tflops(device_name(device), precision)}
-    return {**info, "peak_tflops": measured, "peak_source": f"{precision} matmul measured here"}
+        return {"peak_tflops": MEASURED_BF16_TFLOPS, "peak_source": "bf16 dense, measured on H100", "spec_tflops": spec}
+    return {"peak_tflops": spec, "peak_source": "data sheet" if spec else "unknown (no MFU)", "spec_tflops": spec}
 
 
 def throughput(timing: dict, batch: int, train_flops_per_image: float, peak: dict) -> dict:
-    """images/s from the median step, achieved TFLOP/s and MFU (analytic FLOPs over the chosen peak)."""
+    """images/s from the median step, achieved TFLOP/s and MFU (analytic FLOPs over the chosen peak and the spec)."""
     ips = batch / (timing["step_ms_median"] / 1e3)
     tflops = ips * train_flops_per_image / 1e12
-    out = {"images_per_sec": ips, "achieved_tflops": tflops, "mfu": tflops / peak["peak_tflops"]}
-    if peak.get("spec_tflops"):
-        out["mfu_spec"] = tflops / peak["spec_tflops"]
-    return out
+    mfu = {key: tflops / peak[of] if peak[of] else None for key, of in (("mfu", "peak_tflops"), ("mfu_spec",
+                                                                                                 "spec_tflops"))}
+    return {"images_per_sec": ips, "achieved_tflops": tflops, **mfu}
 
 
 def fmt(v, digits: int = 3) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
     if isinstance(v, float):
         return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.{digits if abs(v) < 1 else max(digits, 4)}g}"
-    return str(v)
+    return {None: "-", True: "yes", False: "no"}.get(v, str(v)) if isinstance(v, (bool, type(None))) else str(v)
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str]], title: str | None = None) -> str:
     """A markdown table of `rows` with (key, header) columns, printed; returns its text."""
-    body = [[fmt(r.get(k)) for k, _ in columns] for r in rows]
-    lines = ([title] if title else []) + ["| " + " | ".join(h for _, h in columns) + " |",
-                                          "|" + "---|" * len(columns)]
-    text = "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
+    lines = [*([title] if title else []), "| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    text = "\n".join(lines + ["| " + " | ".join(fmt(r.get(k)) for k, _ in columns) + " |" for r in rows])
     print(text, flush=True)
     return text
 
 
 def write_json(path, payload: dict) -> Path | None:
     """`payload` as indented JSON at `path` (folders created); no path: nothing written."""
-    if not path:
-        return None
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    print(f"wrote {path}", flush=True)
-    return path
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(payload, indent=1, default=str) + "\n")
+        print(f"wrote {path}", flush=True)
+    return Path(path) if path else None

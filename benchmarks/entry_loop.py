@@ -1,20 +1,15 @@
-"""The real training loops timed: an entry point (`pretrain/mae.py`, `finetune/classify.py`, `finetune/linprobe.py`)
-run as a subprocess, fed by random batches (`data.loader=synthetic`: no I/O, no decoding) and end to end from its
-shards, everything else identical; the two modes alternated `--repeat` times (A B A B: a changing load hits both).
+"""The real training loops timed: an entry point (pretrain/mae.py, finetune/classify.py, finetune/linprobe.py) run as
+a subprocess with `data.loader=synthetic` (random batches, no I/O) and end to end from its shards, everything else
+identical, the two modes alternated --repeat times (A B A B: a changing load hits both alike).
 
     python benchmarks/entry_loop.py --entry pretrain --data data/sample run.steps=36 --window 6 --repeat 3   # CPU
-    python benchmarks/entry_loop.py --entry pretrain --data SHARDS pretrain/configs/in1k_vit_base_1gpu.yaml \
-        run.steps=60 --window 10 --out loop.json
     python benchmarks/entry_loop.py --entry finetune --data SHARDS finetune/configs/in1k_vit_base_1gpu.yaml \
-        encoder=random data.test=SHARDS:train run.steps=40
+        encoder=random data.test=SHARDS:train run.steps=40 --window 10 --out loop.json
 
-The numbers are the loop's own, from each run's metrics.jsonl: `images_per_sec` of every log window
-(`run.log_every = --window`; the loop reads the device at log steps, so windows are synchronised) with the window's
-`data_wait`, `tflops` and `mfu`; the first `--skip` windows of each run are dropped (compilation, warm-up) and the
-median over the kept windows of every repeat is reported. End-to-end / synthetic is the share of the step rate the
-input path keeps. Provenance (commit, packages, hardware, world size, precision, batch) is the runs' run.json.
-Checkpoints: only the final one; pictures, k-NN and periodic evaluation off (fine-tuning and probing still evaluate
-once after the loop, outside the windows: point data.test at a small split).
+The numbers are the loop's own (metrics.jsonl): `images_per_sec`, `data_wait`, `tflops` and `mfu` of each log window
+(run.log_every = --window), the first --skip windows of each run dropped (compilation, warm-up), the median over the
+kept windows of every repeat; provenance is the runs' run.json. Pictures, k-NN and periodic evaluation are off
+(fine-tuning and probing still evaluate once after the loop: point data.test at a small split).
 """
 
 from __future__ import annotations
@@ -27,8 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: import the repository's packages, not sibling files
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+if __package__ in (None, ""):  # run as a script: the repository's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import ROOT, print_table, write_json  # noqa: E402
@@ -72,37 +66,30 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeat", type=int, default=1, help="run the modes this many times, alternating")
     p.add_argument("--work", default=None, help="keep the run directories here (default: a temporary folder)")
     p.add_argument("--out", default=None, help="JSON file to write (default: print only)")
-    args = p.parse_args(argv)
-    config = [*args.config, f"data.train={args.data}"]
-    results: dict = {}
+    args = p.parse_intermixed_args(argv)  # overrides may come before and after the options
+    results, rows = {}, []
     with tempfile.TemporaryDirectory(prefix="tessera-loop-") as tmp:
-        for rep in range(args.repeat):
-            for mode in args.modes.split(","):
-                rows, record = run_once(args.entry, config, mode, Path(args.work or tmp) / f"{mode}{rep}",
-                                        args.window)
-                windows = [r for r in rows if "images_per_sec" in r]
-                res = results.setdefault(mode, {"windows": [], "kept": [], "loss": None})
-                res["windows"] += [{k: r.get(k) for k in ("step", *WINDOW_KEYS)} for r in windows]
-                res["kept"] += windows[args.skip:] or windows[-1:]
-                res.update(loss=windows[-1].get("loss") if windows else None,
-                           run={k: record.get(k) for k in RUN_KEYS})
-    rows = []
+        for rep, mode in ((rep, mode) for rep in range(args.repeat) for mode in args.modes.split(",")):
+            records, run = run_once(args.entry, [*args.config, f"data.train={args.data}"], mode,
+                                    Path(args.work or tmp) / f"{mode}{rep}", args.window)
+            windows = [{k: r.get(k) for k in ("step", "loss", *WINDOW_KEYS)} for r in records if "images_per_sec" in r]
+            res = results.setdefault(mode, {"windows": [], "kept": []})
+            res["windows"] += windows
+            res["kept"] += windows[args.skip:] or windows[-1:]
+            res.update(loss=windows[-1]["loss"] if windows else None, run={k: run.get(k) for k in RUN_KEYS})
     for mode, res in results.items():
         kept = res.pop("kept")
-        for key in WINDOW_KEYS:
-            values = [w[key] for w in kept if isinstance(w.get(key), (int, float))]
-            res[key] = statistics.median(values) if values else None
-        rates = [w["images_per_sec"] for w in kept]
-        res["windows_kept"] = len(kept)
+        res.update({k: statistics.median(v) if (v := [w[k] for w in kept if w[k] is not None]) else None
+                    for k in WINDOW_KEYS}, windows_kept=len(kept))
         rows.append({"mode": mode, "img_s": res["images_per_sec"], "windows": len(kept),
-                     "spread": f"{min(rates):.1f}-{max(rates):.1f}", "data_wait": res["data_wait"],
-                     "tflops": res["tflops"], "loss": res["loss"]})
+                     "spread": f"{min(w['images_per_sec'] for w in kept):.1f}-"
+                               f"{max(w['images_per_sec'] for w in kept):.1f}", **res})
     if "synthetic" in results and "e2e" in results:
         results["e2e_over_synthetic"] = results["e2e"]["images_per_sec"] / results["synthetic"]["images_per_sec"]
         rows.append({"mode": "e2e / synthetic", "img_s": results["e2e_over_synthetic"]})
     print_table(rows, [("mode", ENTRIES[args.entry][0]), ("img_s", "images/s (median window)"),
                        ("windows", "windows"), ("spread", "min-max"), ("data_wait", "data wait"),
-                       ("tflops", "TFLOP/s"), ("loss", "last loss")])
+                       ("tflops", "TFLOP/s"), ("mfu", "MFU"), ("loss", "last loss")])
     payload = {"benchmark": f"entry_loop_{args.entry}", "args": vars(args), "results": results}
     write_json(args.out, payload)
     return payload

@@ -1,8 +1,6 @@
-"""Running a recipe's stages: each an entry point (or `data/make_shards.py`) run as a subprocess from the repository
-root, its output echoed and logged to `STAGE_DIR/stage.log`, its command, exit code and wall-clock kept in
-`STAGE_DIR/stage.json`. A finished stage whose command is unchanged is reused; one interrupted with the same command
-keeps its folder, so the entry point resumes from its last checkpoint. Also the recipes' errors, and commands written
-for the results page with the machine's folders replaced by names (WORK, CIFAR_DIR, ...)."""
+"""Running a recipe's stages: an entry point (or data/make_shards.py) as a subprocess from the repository root, its
+output echoed and logged (STAGE_DIR/stage.log), its command, exit code and wall-clock in STAGE_DIR/stage.json; also
+the recipes' errors, and commands as the results page shows them (the machine's folders named: WORK, ...)."""
 
 from __future__ import annotations
 
@@ -16,7 +14,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RECORD, LOG = "stage.json", "stage.log"
 
 
 class StageError(RuntimeError):
@@ -24,16 +21,17 @@ class StageError(RuntimeError):
 
 
 class InputError(StageError):
-    """The recipe was given something it cannot use (a missing tarball, a folder it must not delete); the message
-    names the option to change."""
+    """The recipe cannot use what it was given (a missing tarball, a folder it must not delete); the message names the
+    option to change."""
 
 
 def run_stage(name: str, cmd: list[str], stage_dir: Path, env: dict[str, str], done_file: Path | None,
               reuse: bool = True) -> dict:
-    """Run `cmd` (see the module docstring); returns {"stage", "command", "seconds", "returncode", "reused"}. A stage
-    that runs starts from an emptied `stage_dir` (old checkpoints must not be resumed) unless it was interrupted."""
+    """Run `cmd`; returns {"stage", "command", "seconds", "returncode", "reused"}. With `reuse`, a finished stage with
+    the same command is not run again; a stage that runs starts from an emptied `stage_dir` (old checkpoints must not
+    be resumed), except one interrupted with the same command, which resumes from its last checkpoint."""
     stage_dir.mkdir(parents=True, exist_ok=True)
-    record_path, shown = stage_dir / RECORD, shell_join(cmd)
+    record_path, log_path, shown = stage_dir / "stage.json", stage_dir / "stage.log", shell_join(cmd)
     if record_path.exists():
         record = json.loads(record_path.read_text())
         same = record.get("command") == shown
@@ -47,22 +45,21 @@ def run_stage(name: str, cmd: list[str], stage_dir: Path, env: dict[str, str], d
     record_path.write_text(json.dumps({"stage": name, "command": shown, "returncode": None}))  # started
     print(f"[recipe] {name}: {shown}", flush=True)
     t0 = time.perf_counter()
-    with open(stage_dir / LOG, "wb") as log:
+    with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         while chunk := proc.stdout.read1(65536):  # chunks, not lines, so the children's progress bars still render
             sys.stdout.buffer.write(chunk)
             sys.stdout.flush()
             log.write(chunk)
-        rc = proc.wait()
-    seconds = round(time.perf_counter() - t0, 1)
-    record = {"stage": name, "command": shown, "seconds": seconds, "returncode": rc}
+    record = {"stage": name, "command": shown, "seconds": round(time.perf_counter() - t0, 1),
+              "returncode": proc.wait()}
     record_path.write_text(json.dumps(record, indent=1))
-    if rc != 0:
-        tail = (stage_dir / LOG).read_bytes()[-3000:].decode("utf-8", "replace")
-        raise StageError(f"stage '{name}' failed with exit code {rc} after {seconds:.0f} s; full log: "
-                         f"{stage_dir / LOG}\n--- last lines ---\n{tail}")
+    if record["returncode"] != 0:
+        tail = log_path.read_bytes()[-3000:].decode("utf-8", "replace")
+        raise StageError(f"stage '{name}' failed with exit code {record['returncode']} after {record['seconds']:.0f} "
+                         f"s; full log: {log_path}\n--- last lines ---\n{tail}")
     if done_file is not None and not done_file.exists():
-        raise StageError(f"stage '{name}' exited 0 but did not write {done_file}; log: {stage_dir / LOG}")
+        raise StageError(f"stage '{name}' exited 0 but did not write {done_file}; log: {log_path}")
     return {**record, "reused": False}
 
 
@@ -79,19 +76,5 @@ def public(text: str, folders: dict[str, Path]) -> str:
     return text.replace(f"{REPO}/", "")
 
 
-def public_argv(argv: list[str], options: dict[str, str]) -> list[str]:
-    """`argv` with the values of the path `options` (e.g. {"--work": "WORK"}) replaced by their names."""
-    out = []
-    for i, arg in enumerate(argv):
-        key = arg.split("=", 1)[0]
-        if "=" in arg and key in options:
-            arg = f"{key}={options[key]}"
-        elif i and argv[i - 1] in options:
-            arg = options[argv[i - 1]]
-        out.append(arg)
-    return out
-
-
 def now_iso() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-

@@ -1,5 +1,5 @@
 """Tests of the CIFAR-10 chain (recipes/cifar10/chain.py, shards.py, chain_report.py) and the recipe plumbing it
-stands on (recipes/stages.py, report.py, run_summary.py, loss_plot.py): stage running and reuse, commands written
+stands on (recipes/stages.py, record.py, page.py, loss_plot.py): stage running and reuse, commands written
 without the machine's folders, the page's marked blocks, data helpers, the stage wiring (with the entry points
 replaced by a stub that writes what they write), the results page rendered from the stored records, the loss-curve
 chart, and the micro budget run end to end as a user runs it."""
@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,13 +21,14 @@ import yaml
 from PIL import Image
 
 from recipes.cifar10 import chain as chain_mod
+from recipes.cifar10 import options
 from recipes.cifar10 import shards as shards_mod
 from recipes.cifar10.chain_report import render_page
 from recipes.cifar10.objectives_report import render as render_objectives
 from recipes.cifar10.shards import TARBALL_ENV, class_subset, ensure_cifar
 from recipes.loss_plot import draw_loss_curve, loss_figure, moving_average
-from recipes.report import write_blocks
-from recipes.stages import REPO, InputError, StageError, public, public_argv, run_stage, shell_join
+from recipes.page import write_blocks
+from recipes.stages import REPO, InputError, StageError, public, run_stage, shell_join
 
 # ------------------------------------------------------------------------------------------------- loss curve
 
@@ -103,9 +105,10 @@ def test_recorded_commands_name_no_folder_of_the_machine(tmp_path):
     assert public(cmd, {"WORK": work, "CIFAR_DIR": cifar}) == ("python pretrain/mae.py data.train=WORK/shards "
                                                                "run.output_dir=WORK/pre --input=CIFAR_DIR/train "
                                                                "vis.images=data/sample:test")
-    argv = ["--budget", "cpu", "--work", str(work), f"--cifar-dir={cifar}", "--threads", "2"]
-    assert public_argv(argv, chain_mod.PATH_OPTIONS) == ["--budget", "cpu", "--work", "WORK", "--cifar-dir=CIFAR_DIR",
-                                                          "--threads", "2"]
+    args = SimpleNamespace(argv=["--budget", "cpu", "--work", str(work), f"--cifar-dir={cifar}", "--threads", "2"],
+                           work=str(work), cifar_dir=str(cifar), docs=str(REPO / "docs"), tarball=None)
+    assert options.command("recipes/cifar10/chain.py", args) == ("python recipes/cifar10/chain.py --budget cpu "
+                                                                 "--work WORK --cifar-dir=CIFAR_DIR --threads 2")
 
 
 def test_page_blocks_are_replaced_in_place_appended_when_new_and_prose_kept(tmp_path):
@@ -234,7 +237,7 @@ def test_chain_wiring_and_results(tmp_path, monkeypatch):
                              "run.steps=3", "--threads", "3"])
     assert [n for n, _ in calls] == ["pretrain", "probe_mae", "probe_random", "finetune_mae", "finetune_scratch"]
     cmds = {n: c for n, c in calls}
-    variant, sample = chain_mod.BUDGETS["micro"].variant, REPO / "data" / "sample"
+    variant, sample = chain_mod.BUDGETS["micro"][0], REPO / "data" / "sample"
     encoder = f"encoder={work / 'pretrain' / 'encoder.safetensors'}"
     assert cmds["pretrain"][1:4] == ["pretrain/mae.py", "pretrain/configs/cifar10_micro.yaml", f"data.train={sample}"]
     assert encoder in cmds["probe_mae"] and encoder in cmds["finetune_mae"]

@@ -30,8 +30,8 @@ def stubbed(tmp_path, monkeypatch):
     """study() with prepare_data and run_stage replaced; returns the list of commands it ran."""
     ran: list[tuple[str, list[str]]] = []
 
-    def fake_prepare(budget, args, env):
-        assert budget.name == "cpu" and budget.probe_per_class == 1000  # the chain's cpu data
+    def fake_prepare(source, per_class, args, env):
+        assert (source, per_class) == ("cifar", 1000)  # the chain's cpu data
         return Path(args.work) / "shards", "probe_train", []  # the chain's layout: shards inside --work
 
     def fake_run(name, cmd, stage_dir, env, done_file, reuse=True):

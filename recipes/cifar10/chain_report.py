@@ -1,6 +1,6 @@
-"""The CIFAR-10 chain's report writer: the stored record docs/results/cifar10_<budget>.json (the stages with what
-their runs wrote, `recipes/run_summary.py`), the pretraining loss curve, and the budget's block of docs/RESULTS.md
-(`<!-- tessera:begin cifar10_<budget> -->`), rendered from the stored records alone."""
+"""The CIFAR-10 chain's report writer: the stored record docs/results/cifar10_<budget>.json (`recipes/record.py`),
+the pretraining loss curve and reconstruction grid, and the budget's block of docs/RESULTS.md (`cifar10_<budget>`),
+rendered from the stored records alone."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ from pathlib import Path
 
 from launch import run_files
 from recipes.loss_plot import draw_loss_curve
-from recipes.report import fmt, fmt_seconds, save_record, stage, stage_rows, write_blocks
-from recipes.run_summary import commit, provenance, read_run
-from recipes.stages import public
+from recipes.page import fmt, fmt_seconds, stage_rows, write_blocks
+from recipes.record import collect, commit, save_record, stage
 
 RUN_LABELS = (("probe_mae", "linear probe, MAE encoder"), ("probe_random", "linear probe, random encoder"),
               ("finetune_mae", "fine-tune from MAE"), ("finetune_scratch", "fine-tune from scratch (random init)"))
@@ -21,40 +20,33 @@ RECONSTRUCTIONS_MAX_BYTES = 100_000  # a larger grid stays in the run directory
 
 def write_results(header: dict, stages: list[dict], run_dirs: dict[str, Path], folders: dict[str, Path],
                   docs: Path) -> dict:
-    """Collect the record (the header, the pretraining run's provenance, each stage with its run's files), store
-    it with the loss curve and reconstruction grid, and rewrite the page's blocks; returns the record."""
-    name, out = header["name"], docs / "results"
-    record = {**header, "provenance": provenance(run_dirs["pretrain"]),
-              "stages": [{"stage": s["stage"], "command": public(s["command"], folders), "seconds": s["seconds"],
-                          "reused": s["reused"], **(read_run(run_dirs[s["stage"]]) if s["stage"] in run_dirs else {})}
-                         for s in stages],
-              "files": {"loss_curve": f"{name}_pretrain_loss.png"}}
-    out.mkdir(parents=True, exist_ok=True)
-    grid = run_dirs["pretrain"] / run_files.RECONSTRUCTIONS
+    """Collect and store the record with its pictures, rewrite the page's blocks; returns the record."""
+    name, out, grid = header["name"], docs / "results", run_dirs["pretrain"] / run_files.RECONSTRUCTIONS
+    record = {**collect(header, stages, run_dirs, folders), "files": {"loss_curve": f"{name}_pretrain_loss.png"}}
     if grid.is_file() and grid.stat().st_size < RECONSTRUCTIONS_MAX_BYTES:
         record["files"]["reconstructions"] = f"{name}_reconstructions.png"
+        out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(grid, out / record["files"]["reconstructions"])
-    save_record(out / f"{name}.json", record)
-    draw_curve(record, out)
+    draw_curve(save_record(out / f"{name}.json", record))
     render_page(docs)
     return record
 
 
 def render_page(docs: Path, redraw: bool = False) -> Path:
     """docs/RESULTS.md's block of every stored budget (and, with `redraw`, their loss curves) from the records."""
-    blocks = {}
-    for path in sorted((docs / "results").glob("cifar10_*.json")):
-        record = json.loads(path.read_text())
-        if redraw:
-            draw_curve(record, docs / "results")
-        blocks[record["name"]] = budget_section(record)
-    return write_blocks(docs / "RESULTS.md", blocks)
+    paths = sorted((docs / "results").glob("cifar10_*.json"))
+    for path in paths if redraw else []:
+        draw_curve(path)
+    return write_blocks(docs / "RESULTS.md", {path.stem: budget_section(json.loads(path.read_text()))
+                                              for path in paths})
 
 
-def draw_curve(record: dict, out: Path) -> Path:
+def draw_curve(path: Path) -> Path:
+    """The loss curve of the stored record at `path`, beside it."""
+    record = json.loads(path.read_text())
     p = stage(record, "pretrain")
     target = "normalised pixels" if p["model"].get("norm_pix_loss") else "pixels"
-    return draw_loss_curve(p["metrics"]["loss_curve"], out / record["files"]["loss_curve"],
+    return draw_loss_curve(p["metrics"]["loss_curve"], path.parent / record["files"]["loss_curve"],
                            title=f"MAE pretraining loss, CIFAR-10, {record['budget']} budget ({p['model']['name']})",
                            ylabel=f"loss (MSE on masked patches, {target})")
 
@@ -81,7 +73,7 @@ def budget_section(r: dict) -> str:
     recon_note = ("\n\nReconstructions after pretraining (original | masked | reconstruction | reconstruction with the "
                   f"visible patches pasted back), test images:\n\n![reconstructions](results/{recon})" if recon else "")
     gpus = "; ".join(f"{g['name']} ({g['memory_gb']} GB)" for g in hw.get("gpus", [])) or "no GPU"
-    sha = commit(prov)
+    sha = commit(r)
     dirty = " (plus changes not yet committed)" if sha.endswith("+dirty") else ""
     curve, split = m["loss_curve"], data["probe_split"]
     return f"""## Budget `{r['budget']}`: {r['summary']}

@@ -1,29 +1,19 @@
 """The objectives and augmentation study at the CIFAR-10 CPU budget: every arm pretrains for the same wall-clock
-(--minutes, 10 by default: the chain's MAE pretraining, `pretrain/configs/cifar10_cpu.yaml`), then the k-NN
-monitor and the linear probe.
+(--minutes, 10 by default: the chain's MAE pretraining), then the k-NN monitor and the linear probe.
 
     python recipes/cifar10/objectives.py --threads 2          # ~1.5 h on a 2-core CPU
     python recipes/cifar10/objectives.py --render-only        # rebuild the page's blocks and the chart from the JSON
 
-Arms: a random encoder (the init), MAE on normalised pixels (the chain's recipe as it is), MAE on HOG targets,
-SimMIM, data2vec, and two milder pretraining augmentations of MAE (crop scale 0.5-1, and no crop). Equal wall-clock:
-a calibration run of 40 steps per objective measures its images/s on this machine, and an objective gets the steps
-that take --minutes at that rate (the cosine schedule then spans them; warm-up stays the recipe's 40 steps). The
-augmentation arms cost what MAE costs per step and take MAE's step count.
-
-Each stage is the project's own entry point run as a subprocess (`pretrain/mae.py`, `finetune/linprobe.py`), with
-the chain's data (`recipes/cifar10/shards.py`: train 50,000, test 10,000, probe_train 1,000 per class). The k-NN
-monitor runs once, at the end of pretraining: bank probe_train, queries the whole test split, mean-pooled patch
-tokens (the probe's features). Results (`recipes/cifar10/objectives_report.py`): docs/results/objectives_cpu.json
-from the runs' run.json, metrics.jsonl and eval.json, the chart objectives_cpu.png, and the study's blocks of
-docs/RESULTS.md.
-Finished stages with the same command are reused, so an interrupted study continues where it stopped.
+Arms: a random encoder (the init), MAE on normalised pixels, MAE on HOG targets, SimMIM, data2vec, and two milder
+pretraining augmentations of MAE. A 40-step calibration run per objective measures its images/s here, and it gets the
+steps that take --minutes at that rate (the augmentation arms take MAE's). Each stage is an entry point run as a
+subprocess on the chain's cpu data; the k-NN monitor runs once, at the end (bank probe_train, the whole test split,
+mean-pooled patch tokens). recipes/cifar10/objectives_report.py writes docs/results/objectives_cpu.json from the runs'
+own files, the chart and the study's blocks of docs/RESULTS.md. Finished stages with the same command are reused.
 """
 
 from __future__ import annotations
 
-import argparse
-import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -32,11 +22,12 @@ from pathlib import Path
 import yaml
 
 from launch import run_files
-from recipes.cifar10.chain import BUDGETS, PATH_OPTIONS, prepare_work, stage_env
+from recipes.cifar10 import options
+from recipes.cifar10.chain import BUDGETS
 from recipes.cifar10.objectives_report import NAME, render, write_results
-from recipes.cifar10.shards import TARBALL_ENV, prepare_data
-from recipes.run_summary import read_run
-from recipes.stages import REPO, InputError, StageError, now_iso, public_argv, run_stage
+from recipes.cifar10.shards import prepare_data
+from recipes.record import read_run
+from recipes.stages import REPO, StageError, now_iso, run_stage
 
 PROG = "recipes/cifar10/objectives.py"
 CONFIG = "pretrain/configs/cifar10_cpu.yaml"  # every arm's recipe; arms differ only by their overrides
@@ -79,10 +70,10 @@ ARMS = (
 
 
 def study(args) -> dict:
-    work = prepare_work(Path(args.work).resolve(), args.fresh)
-    args.work, env, py = str(work), stage_env(args.threads), sys.executable
+    work, env, py = options.prepare_work(Path(args.work), args.fresh), options.stage_env(args.threads), sys.executable
     started, t0 = now_iso(), time.perf_counter()
-    shards, probe_split, stages = prepare_data(BUDGETS["cpu"], args, env)
+    _, per_class, source, _ = BUDGETS["cpu"]
+    shards, probe_split, stages = prepare_data(source, per_class, args, env)
     batch = int(yaml.safe_load((REPO / CONFIG).read_text())["data"]["micro_batch"])
     base = [py, "pretrain/mae.py", CONFIG, f"data.train={shards}", "run.save_every=0", "run.progress=false",
             "run.trackers=none"]
@@ -112,52 +103,20 @@ def study(args) -> dict:
                f"run.output_dir={probe_dir}", "run.progress=false"]
         stages.append(run_stage(f"probe:{arm.name}", cmd, probe_dir, env, probe_dir / run_files.EVAL))
         run_dirs.update({f"pretrain:{arm.name}": out, f"probe:{arm.name}": probe_dir})
-    header = {"name": NAME, "started": started, "finished": now_iso(),
-              "total_seconds": round(time.perf_counter() - t0, 1),
-              "command": shlex.join(["python", PROG, *public_argv(args.argv, PATH_OPTIONS)]),
-              "threads": env.get("OMP_NUM_THREADS"),
-              "settings": {"minutes": args.minutes, "batch": batch, "calibration_steps": CALIBRATION_STEPS,
-                           "calibration_skip": CALIBRATION_SKIP},
-              "arms": {a.name: {"short": a.short, "label": a.label, "studies": list(a.studies)} for a in arms}}
-    return write_results(header, stages, run_dirs, {"WORK": work, "CIFAR_DIR": Path(args.cifar_dir).resolve()},
-                         Path(args.docs), {name: CALIBRATION_SKIP for name in run_dirs if name.startswith("calib")})
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--work", default=str(REPO / "runs" / "cifar10_objectives"),
-                   help="folder for shards and runs (default: runs/cifar10_objectives)")
-    p.add_argument("--tarball", default=None, help=f"CIFAR-10 JPEG tarball (default: ${TARBALL_ENV})")
-    p.add_argument("--cifar-dir", default=str(REPO / "runs" / "cifar10_jpeg"),
-                   help="where the tarball is (or gets) unpacked (default: runs/cifar10_jpeg)")
-    p.add_argument("--docs", default=str(REPO / "docs"), help="folder receiving results/ and RESULTS.md")
-    p.add_argument("--minutes", type=float, default=10.0,
-                   help="pretraining wall-clock of every arm, in minutes at the calibrated rate (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="OMP/MKL threads of every stage (default: inherited)")
-    p.add_argument("--arm", action="append", choices=[a.name for a in ARMS],
-                   help="run only these arms (repeatable; default: all)")
-    p.add_argument("--fresh", action="store_true", help="delete --work first and rerun every stage")
-    p.add_argument("--render-only", action="store_true", help="rebuild the chart and the page's blocks from the JSON")
-    return p
+    header = options.header(PROG, args, env, started, t0, name=NAME)
+    header.update(settings={"minutes": args.minutes, "batch": batch, "calibration_steps": CALIBRATION_STEPS,
+                            "calibration_skip": CALIBRATION_SKIP},
+                  arms={a.name: {"short": a.short, "label": a.label, "studies": list(a.studies)} for a in arms})
+    return write_results(header, stages, run_dirs, options.folders(args), Path(args.docs),
+                         {name: CALIBRATION_SKIP for name in run_dirs if name.startswith("calibrate:")})
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)
-    if args.render_only:
-        if not (Path(args.docs) / "results" / f"{NAME}.json").is_file():
-            parser.exit(2, f"{PROG}: error: {args.docs}/results/{NAME}.json does not exist; run the study first\n")
-        print(f"[recipe] wrote {render(Path(args.docs))}")
-        return None
-    try:
-        return study(args)
-    except InputError as exc:
-        parser.exit(2, f"{PROG}: error: {exc}\n")
-    except StageError as exc:
-        raise SystemExit(f"{PROG}: error: {exc}") from None
+    p = options.parser(PROG, __doc__, "runs/cifar10_objectives")
+    p.add_argument("--minutes", type=float, default=10.0,
+                   help="pretraining wall-clock of every arm, in minutes at the calibrated rate (default: %(default)s)")
+    p.add_argument("--arm", action="append", choices=[a.name for a in ARMS], help="run only these arms (repeatable)")
+    return options.run(p, argv, lambda args: REPO / "runs" / "cifar10_objectives", study, render)
 
 
 if __name__ == "__main__":

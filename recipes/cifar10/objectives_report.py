@@ -1,6 +1,6 @@
-"""The objectives study's report writer: the stored record docs/results/objectives_cpu.json (the stages with what
-their runs wrote, `recipes/run_summary.py`), a bar chart of k-NN and probe top-1 per arm, and the study's blocks of
-docs/RESULTS.md (`objectives_cpu:run`, `:budget`, `:tables`, `:stages`), rendered from the stored record alone."""
+"""The objectives study's report writer: the stored record docs/results/objectives_cpu.json (`recipes/record.py`), a
+bar chart of k-NN and probe top-1 per arm, and the study's blocks of docs/RESULTS.md (`objectives_cpu:run`, `:budget`,
+`:tables`, `:stages`), rendered from the stored record alone."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from recipes.report import fmt, fmt_seconds, save_record, stage, stage_rows, write_blocks
-from recipes.run_summary import commit, provenance, read_run
-from recipes.stages import public
+from recipes.page import fmt, fmt_seconds, stage_rows, write_blocks
+from recipes.record import collect, commit, save_record, stage
+from recipes.stages import InputError
 
 NAME = "objectives_cpu"
 STUDIES = (("objective", "Objectives"), ("augmentation", "Pretraining augmentation (MAE)"))
@@ -26,11 +26,7 @@ def write_results(header: dict, stages: list[dict], run_dirs: dict[str, Path], f
                   docs: Path, skip: dict[str, int]) -> dict:
     """Collect the record (the header, the first run's provenance, each stage with its run's files; a calibration's
     images/s after `skip[stage]` steps), store it with its chart, and rewrite the page's blocks; returns the record."""
-    record = {**header, "provenance": provenance(next(iter(run_dirs.values()))),
-              "stages": [{"stage": s["stage"], "command": public(s["command"], folders), "seconds": s["seconds"],
-                          "reused": s["reused"],
-                          **(read_run(run_dirs[s["stage"]], skip.get(s["stage"], 0)) if s["stage"] in run_dirs
-                             else {})} for s in stages]}
+    record = collect(header, stages, run_dirs, folders, skip)
     save_record(docs / "results" / f"{NAME}.json", record)
     render(docs)
     return record
@@ -38,7 +34,9 @@ def write_results(header: dict, stages: list[dict], run_dirs: dict[str, Path], f
 
 def render(docs: Path) -> Path:
     """The chart and the page's blocks from docs/results/objectives_cpu.json."""
-    record = json.loads((docs / "results" / f"{NAME}.json").read_text())
+    if not (path := docs / "results" / f"{NAME}.json").is_file():
+        raise InputError(f"{path} does not exist; run the study first")
+    record = json.loads(path.read_text())
     draw_chart(record, docs / "results" / f"{NAME}.png")
     return write_blocks(docs / "RESULTS.md", blocks(record))
 
@@ -68,7 +66,7 @@ def blocks(r: dict) -> dict[str, str]:
     return {
         f"{NAME}:run": f"""Written by `python recipes/cifar10/objectives.py` from docs/results/{NAME}.json; do not \
 edit by hand.
-Run {r['started']} to {r['finished']}, total {fmt_seconds(r['total_seconds'])}, commit `{commit(prov)}`. Machine: \
+Run {r['started']} to {r['finished']}, total {fmt_seconds(r['total_seconds'])}, commit `{commit(r)}`. Machine: \
 {hw['cpu']}, {hw['cpu_cores']} cores, {gpus},
 OMP_NUM_THREADS={r.get('threads') or 'unset'}, torch {prov['packages'].get('torch')}, timm \
 {prov['packages'].get('timm')}.""",
