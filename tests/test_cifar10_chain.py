@@ -107,8 +107,10 @@ def test_recorded_commands_name_no_folder_of_the_machine(tmp_path):
                                                                "vis.images=data/sample:test")
     args = SimpleNamespace(argv=["--budget", "cpu", "--work", str(work), f"--cifar-dir={cifar}", "--threads", "2"],
                            work=str(work), cifar_dir=str(cifar), docs=str(REPO / "docs"), tarball=None)
-    assert options.command("recipes/cifar10/chain.py", args) == ("python recipes/cifar10/chain.py --budget cpu "
-                                                                 "--work WORK --cifar-dir=CIFAR_DIR --threads 2")
+    header = options.header("recipes/cifar10/chain.py", args, {"OMP_NUM_THREADS": "2"}, "then", 0.0, name="x")
+    assert header["command"] == "python recipes/cifar10/chain.py --budget cpu --work WORK --cifar-dir=CIFAR_DIR " \
+                                "--threads 2"
+    assert header["name"] == "x" and header["threads"] == "2" and header["started"] == "then"
 
 
 def test_page_blocks_are_replaced_in_place_appended_when_new_and_prose_kept(tmp_path):
