@@ -1,7 +1,5 @@
-"""Benchmark plumbing: step timing (warm-up untimed, then CUDA events or the host clock per step; the median, with
-min-max as the spread), FLOPs, memory and the peak rate behind MFU, the provenance a benchmark's JSON carries
-(run.json's fields, from the same functions), and the table and JSON writers. The real loops are timed through the
-entry points themselves (benchmarks/entry_loop.py)."""
+"""Benchmark plumbing: step timing (warm-up untimed; then CUDA events or the host clock; median and min-max), FLOPs,
+memory, the peak behind MFU, provenance (run.json's fields, from the same functions), and the table and JSON writers."""
 
 from __future__ import annotations
 

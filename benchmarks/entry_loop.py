@@ -1,15 +1,12 @@
-"""The real training loops timed: an entry point (pretrain/mae.py, finetune/classify.py, finetune/linprobe.py) run as
-a subprocess with `data.loader=synthetic` (random batches, no I/O) and end to end from its shards, everything else
-identical, the two modes alternated --repeat times (A B A B: a changing load hits both alike).
+"""The real training loops timed: an entry point run as a subprocess with `data.loader=synthetic` (random batches, no
+I/O) and end to end from its shards, everything else identical, the modes alternated --repeat times.
 
     python benchmarks/entry_loop.py --entry pretrain --data data/sample run.steps=36 --window 6 --repeat 3   # CPU
     python benchmarks/entry_loop.py --entry finetune --data SHARDS finetune/configs/in1k_vit_base_1gpu.yaml \
         encoder=random data.test=SHARDS:train run.steps=40 --window 10 --out loop.json
 
-The numbers are the loop's own (metrics.jsonl): `images_per_sec`, `data_wait`, `tflops` and `mfu` of each log window
-(run.log_every = --window), the first --skip windows of each run dropped (compilation, warm-up), the median over the
-kept windows of every repeat; provenance is the runs' run.json. Pictures, k-NN and periodic evaluation are off
-(fine-tuning and probing still evaluate once after the loop: point data.test at a small split).
+The numbers are the loop's own (metrics.jsonl): images_per_sec, data_wait, tflops and mfu per log window (--window
+steps), the first --skip windows of each run dropped, the median over the rest; provenance is the runs' run.json.
 """
 
 from __future__ import annotations
@@ -22,13 +19,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: the repository's packages importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import ROOT, print_table, write_json  # noqa: E402
-from launch import run_files  # noqa: E402
-from launch.metrics import read_metrics  # noqa: E402
-from launch.run_record import read_record  # noqa: E402
+from benchmarks.common import ROOT, print_table, write_json
+from launch import run_files
+from launch.metrics import read_metrics
+from launch.run_record import read_record
 
 ENTRIES = {  # script, and overrides that switch off work outside the loop's steps
     "pretrain": ("pretrain/mae.py", ["knn.enabled=false", "vis.num_images=0"]),
@@ -81,9 +75,9 @@ def main(argv: list[str] | None = None) -> dict:
         kept = res.pop("kept")
         res.update({k: statistics.median(v) if (v := [w[k] for w in kept if w[k] is not None]) else None
                     for k in WINDOW_KEYS}, windows_kept=len(kept))
-        rows.append({"mode": mode, "img_s": res["images_per_sec"], "windows": len(kept),
+        rows.append({**res, "mode": mode, "img_s": res["images_per_sec"], "windows": len(kept),
                      "spread": f"{min(w['images_per_sec'] for w in kept):.1f}-"
-                               f"{max(w['images_per_sec'] for w in kept):.1f}", **res})
+                               f"{max(w['images_per_sec'] for w in kept):.1f}"})
     if "synthetic" in results and "e2e" in results:
         results["e2e_over_synthetic"] = results["e2e"]["images_per_sec"] / results["synthetic"]["images_per_sec"]
         rows.append({"mode": "e2e / synthetic", "img_s": results["e2e_over_synthetic"]})

@@ -2,13 +2,10 @@
 
     OMP_NUM_THREADS=1 python benchmarks/loader_throughput.py --out benchmarks/results/loader.json
 
-Cases: photo-like 256-500 px JPEGs (make_bench_shards.py, made once under --scratch), the same pre-resized to 256, and
-the shipped 32 px sample; the MAE pretraining augmentation either way, the same draws. "PIL float" (PIL decode,
-bicubic crop, ToTensor, Normalize: the old default) against "uint8" (crop-aware reduced decode or `decode_jpeg`,
-antialiased bicubic on uint8 tensors, normalised later on the device), through the real loader in this process (no
-workers), in alternating rounds (A B A B: a changing load hits both): CPU ms per image (`time.process_time`), the
-median round with the spread; also the decode alone. (That both paths give the same pixels up to rounding is
-tests/test_transforms.py's.)
+Cases: photo-like 256-500 px JPEGs (make_bench_shards.py), the same pre-resized to 256, the 32 px sample. "PIL float"
+(the old default: PIL decode and crop, ToTensor, Normalize) against "uint8" (decode_jpeg or reduced decode, uint8
+crop, normalised on the device), through the real loader (no workers) in alternating rounds: CPU ms per image, the
+median round with the spread; also the decode alone. (Equal pixels up to rounding: tests/test_transforms.py.)
 """
 
 from __future__ import annotations
@@ -16,28 +13,20 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import webdataset as wds
 
-import webdataset as wds  # noqa: E402
-
-from benchmarks import make_bench_shards  # noqa: E402
-from benchmarks.common import ROOT, print_table, provenance, write_json  # noqa: E402
-from data.decode import decode_image, load_image, uint8_pixels  # noqa: E402
-from data.info import resolve  # noqa: E402
-from data.train_stream import build_train_loader  # noqa: E402
-from data.transforms import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, pretrain_transform  # noqa: E402
+from benchmarks import make_bench_shards
+from benchmarks.common import ROOT, print_table, provenance, write_json
+from data.decode import decode_image, load_image, uint8_pixels
+from data.info import resolve
+from data.train_stream import build_train_loader
+from data.transforms import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, pretrain_transform
 
 SAMPLE = str(ROOT / "data" / "sample")
 TARGETS_MS = {"photo-like 256-500 px -> 224": 1.2, "pre-resized 256 -> 224": 0.8}  # issue 13, per core
-
-
-def samples(spec: str, n: int) -> list[dict]:
-    return list(wds.DataPipeline(wds.SimpleShardList(resolve(spec).urls), wds.tarfile_to_samples()))[:n]
 
 
 def time_paths(spec, img_size, mean, std, args) -> dict[str, dict]:
@@ -60,7 +49,7 @@ def time_paths(spec, img_size, mean, std, args) -> dict[str, dict]:
 
 def time_decode(spec: str, limit: int = 200) -> dict:
     """CPU ms per image to decode at full size: PIL (load) vs torchvision decode_jpeg (the uint8 path's decoder)."""
-    found = samples(spec, limit)
+    found = list(wds.DataPipeline(wds.SimpleShardList(resolve(spec).urls), wds.tarfile_to_samples()))[:limit]
     out = {"images": len(found), "mean_kb": sum(len(s["jpg"]) for s in found) / len(found) / 1e3}
     for name, fn in (("pil", lambda s: load_image(decode_image(s))),
                      ("decode_jpeg", lambda s: uint8_pixels(decode_image(s)))):

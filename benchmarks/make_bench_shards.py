@@ -1,12 +1,10 @@
-"""Write ImageNet-sized, photo-like JPEG shards for the loader and end-to-end benchmarks from the shipped 32 px sample.
+"""Photo-like, ImageNet-sized JPEG shards for the loader and end-to-end benchmarks, from the shipped 32 px sample.
 
     python benchmarks/make_bench_shards.py --output SHARDS --images 16000 --shards 32 --workers 16 [--resize 256]
 
-Each sample image is upscaled (bicubic) to a random size between --min-px and --max-px per side, given photo-like
-detail (--texture: 1/f^0.8 noise of that standard deviation in grey levels, 60% per channel, 40% shared) and saved as
-JPEG quality 90, then packed by data/make_shards.write_shards (--resize: shorter side resized there). JPEG decode cost
-grows with the entropy-coded bytes: smooth upscales decode ~1.4x faster than photos of the same size, while at the
-default texture the files average ~88 KB at 256-500 px, as real photos. Shards made with the same settings are reused.
+Each image is upscaled to a random --min-px..--max-px size with 1/f^0.8 noise (--texture grey levels) as photo-like
+detail: JPEG decode cost grows with the entropy-coded bytes, and at the default the files average ~88 KB at 256-500
+px, as real photos. Shards made with the same settings are reused.
 """
 
 from __future__ import annotations
@@ -17,18 +15,14 @@ import json
 import multiprocessing
 import random
 import shutil
-import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: the repository's packages importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import webdataset as wds
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import webdataset as wds  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from data.info import resolve  # noqa: E402
-from data.make_shards import write_shards  # noqa: E402
+from data.info import resolve
+from data.make_shards import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRATCH = ROOT / "benchmarks" / "results" / "scratch"  # generated shards (benchmarks/results/ is git-ignored)

@@ -2,35 +2,27 @@
 
     python benchmarks/pretrain_step.py --variant mae_vit_base_patch16_dec512d8b --batch 256 --precision bf16 \
         [--compile] [--no-sdpa] [--grad-ckpt] [--mask-type block] [--no-hf] --out results.json
-    python benchmarks/pretrain_step.py --variant mae_vit_tiny_patch4_dec128d2b --batch 64   # CPU
 
-One step = autocast forward (masks drawn inside), backward, the entry points' fused AdamW over the library's parameter
-groups, the same for both models (the real loop, with its schedule and guards, is timed through the entry point:
-benchmarks/entry_loop.py). --compile compiles each of our blocks (as the entry points on CUDA) and the HF model whole.
-Per model: images/s, step ms (median, min-max), peak memory, the analytic training FLOPs per image (models/flops.py)
-beside FlopCounterMode's count of one forward+backward, TFLOP/s and MFU. HF's ViTMAEForPreTraining gets our
-architecture and initial weights (that both then compute the same loss is tests/test_hf_agreement.py's).
+One step (autocast forward, backward, the entry points' fused AdamW) the same for both models; the real loop is timed
+through the entry point (entry_loop.py). Per model: images/s, step ms, peak memory, the analytic training FLOPs per
+image beside FlopCounterMode's count, TFLOP/s and MFU. HF's ViTMAEForPreTraining gets our architecture and weights
+(that both compute the same loss is tests/test_hf_agreement.py's).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: the repository's packages importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import yaml
 
-import torch  # noqa: E402
-import yaml  # noqa: E402
-
-from benchmarks import common as C  # noqa: E402
-from launch.param_groups import build_adamw, param_groups  # noqa: E402
-from launch.sections import OptimConfig  # noqa: E402
-from models.compile import compile_blocks  # noqa: E402
-from models.convert import to_hf_state_dict  # noqa: E402
-from models.flops import mae_flops_per_image  # noqa: E402
-from models.variants import create_mae  # noqa: E402
+from benchmarks import common as C
+from launch.param_groups import build_adamw, param_groups
+from launch.sections import OptimConfig
+from models.compile import compile_blocks
+from models.convert import to_hf_state_dict
+from models.flops import mae_flops_per_image
+from models.variants import create_mae
 
 COLUMNS = [("impl", "impl"), ("batch", "batch"), ("precision", "prec"), ("compile", "compile"), ("sdpa", "sdpa"),
            ("mask_type", "mask"), ("images_per_sec", "img/s"), ("step_ms_median", "step ms (median)"),
@@ -99,36 +91,31 @@ def build_hf(mae, args, device: torch.device):
     return hf.to(device)
 
 
-def training_step(impl: str, model, args, device: torch.device, shape):
-    """step(i): autocast forward, backward, fused AdamW, over 2 random input sets (compiled per --compile)."""
+def bench(impl: str, model, args, device: torch.device, peak: dict, analytic: dict, shape) -> dict:
+    """FlopCounterMode's count of one eager forward+backward, then the timed steps: autocast forward, backward, fused
+    AdamW (compiled per --compile: our blocks in place, as the entry points; the HF model whole)."""
+    def autocast():
+        return torch.autocast(device.type, dtype=C.PRECISIONS[args.precision], enabled=args.precision != "fp32")
+
+    def forward_backward(images: torch.Tensor) -> None:
+        with autocast():
+            loss = LOSS[impl](model, images)
+        loss.backward()
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    counted = C.count_flops(lambda: forward_backward(x[:4])) / 4
+    model.zero_grad(set_to_none=True)
     optimizer = build_adamw(param_groups(model, weight_decay=0.05), OptimConfig(), deepspeed=False)
     if args.compile and impl == "tessera":
-        compile_blocks(model)  # in place: regional, as the entry points
-    elif args.compile:
-        model = torch.compile(model)
-    g = torch.Generator().manual_seed(args.seed)
-    inputs = [torch.randn(shape, generator=g).to(device) for _ in range(2)]
+        compile_blocks(model)  # in place, block by block: as the entry points
+    model = torch.compile(model) if args.compile and impl != "tessera" else model
+    inputs = [x, torch.randn_like(x)]
 
     def step(i: int) -> None:
-        with torch.autocast(device.type, dtype=C.PRECISIONS[args.precision], enabled=args.precision != "fp32"):
-            loss = LOSS[impl](model, inputs[i % 2])
-        loss.backward()
+        forward_backward(inputs[i % 2])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return step
-
-
-def bench(impl: str, model, args, device, peak: dict, analytic: dict, shape) -> dict:
-    x = torch.randn((4, *shape[1:]), generator=torch.Generator().manual_seed(7)).to(device)
-
-    def forward_backward():  # FlopCounterMode's count: one forward + backward of 4 images, eager
-        with torch.autocast(device.type, dtype=C.PRECISIONS[args.precision], enabled=args.precision != "fp32"):
-            LOSS[impl](model, x).backward()
-
-    counted = C.count_flops(forward_backward) / len(x)
-    model.zero_grad(set_to_none=True)
-    step = training_step(impl, model, args, device, shape)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     timing = C.time_steps(step, steps=args.steps, warmup=args.warmup, device=device)
@@ -148,20 +135,15 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     mae = build_mae(args, device)
     shape = (args.batch, mae.encoder_cfg["in_chans"], mae.encoder_cfg["img_size"], mae.encoder_cfg["img_size"])
-    payload = {"benchmark": "pretrain_step", "args": vars(args), "provenance": C.provenance()}
-    peak, analytic = C.resolve_peak(args.precision, device, args.peak_tflops), mae_flops_per_image(mae)
-    hf, extra = None, {}
-    if not args.no_hf:
-        try:
-            hf = build_hf(mae, args, device)
-        except ImportError as exc:
-            print(f"skipping the Hugging Face comparison: {exc}", flush=True)
-            extra = {"hf_skipped": str(exc)}
+    peak, analytic, extra = C.resolve_peak(args.precision, device, args.peak_tflops), mae_flops_per_image(mae), {}
+    try:
+        hf = None if args.no_hf else build_hf(mae, args, device)
+    except ImportError as exc:
+        hf, extra = None, {"hf_skipped": str(exc)}
     results = [bench("tessera", mae, args, device, peak, analytic, shape)]
     if hf is not None:
         del mae  # one model's optimizer state in memory at a time
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # (a no-op without CUDA)
         results.append(bench("hf_vitmae", hf, args, device, peak, analytic, shape))
         extra["ours_over_hf"] = results[0]["images_per_sec"] / results[1]["images_per_sec"]
     results[0].update(extra)
@@ -170,7 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
                                           f"{results[0]['peak_mem_kind']}")
     if "ours_over_hf" in extra:
         print(f"ours / HF images/s: {extra['ours_over_hf']:.3f}", flush=True)
-    payload.update(peak=peak, results=results)
+    payload = {"benchmark": "pretrain_step", "args": vars(args), "provenance": C.provenance(), "peak": peak,
+               "results": results}
     C.write_json(args.out, payload)
     return payload
 

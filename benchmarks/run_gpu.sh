@@ -1,16 +1,11 @@
 #!/usr/bin/env bash
-# The GPU benchmark run: the cases below in priority order within $BUDGET seconds (a case that no longer fits is
-# skipped), results labelled by the GPU. Into OUT_DIR: bench_<GPU>.tar.gz (every case's JSON and log), status.txt
-# (exit code and seconds per case) and summary_<GPU>.md (the tables the cases printed; printed last).
-#
+# The GPU benchmark run: the cases below in priority order within $BUDGET seconds, labelled by the GPU. Into OUT_DIR:
+# bench_<GPU>.tar.gz (each case's JSON and log), status.txt (exit code, seconds) and summary_<GPU>.md (printed last).
 #   bash benchmarks/run_gpu.sh OUT_DIR [CASE ...]   # on a GPU host, in the project's environment; --list: the cases
 #   CHECK=1 bash benchmarks/run_gpu.sh OUT_DIR      # the same cases on CPU with a tiny model: checks the run only
-#
-# loop_b16 (pretrain/mae.py, in1k_vit_base_1gpu.yaml: MAE-B/16, bf16, micro-batch 512, compiled blocks, synthetic then
-# end to end from photo-like shards pre-resized to 256; targets >= 8,000 img/s, e2e >= 0.9 of synthetic), ft_b16
-# (finetune/classify.py: >= 4,000 img/s), step_b16_hf (the eager MAE-B step, ours / HF ViTMAE >= 2), step_b16_block
-# (compiled, block masks), loader_cpu (the host's loader cost per core: <= 1.2 / 0.8 ms/img), loop_l16 (MAE-L/16,
-# synthetic: >= 3,800 img/s), probe_b16 (finetune/linprobe.py, streamed: >= 12,000 img/s).
+# Targets: loop_b16 (MAE-B/16 pretraining, synthetic then end to end from shards pre-resized to 256) >= 8,000 img/s,
+# e2e >= 0.9 of synthetic; ft_b16 >= 4,000; step_b16_hf: ours / HF ViTMAE >= 2; step_b16_block: the block masks' cost;
+# loader_cpu <= 1.2 / 0.8 ms/img per core; loop_l16 (MAE-L/16) >= 3,800; probe_b16 (streamed) >= 12,000.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bash benchmarks/run_gpu.sh OUT_DIR [CASE ...]}; shift

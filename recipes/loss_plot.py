@@ -1,5 +1,4 @@
-"""The pretraining loss curve as a PNG line chart (matplotlib, no pyplot state): the logged values and their centred
-moving average."""
+"""The pretraining loss curve as a PNG (matplotlib, no pyplot state): the logged values and their centred mean."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""The generated blocks of a results page, each between `<!-- tessera:begin NAME -->` and `<!-- tessera:end NAME -->`:
-the prose around the markers is written by hand and left as it is; a block the page does not have yet is appended at
-its end (move it, markers included, where it belongs). Also the number formats and the stage table the blocks share."""
+"""The generated blocks of a results page, between `<!-- tessera:begin NAME -->` and `<!-- tessera:end NAME -->` (the
+prose around them is written by hand), and the number formats and stage table the blocks share."""
 
 from __future__ import annotations
 

@@ -1,7 +1,5 @@
-"""A recipe's stored record, `docs/results/NAME.json`, what its page is rendered from: the recipe's header, the
-provenance and every stage (its command as the page shows it, wall-clock, reuse) with what its run wrote itself
-(`launch/run_files.py`): run.json (batch arithmetic, status, times; commit, packages, hardware), metrics.jsonl (loss
-curve, median images/s, epoch, k-NN top-1), eval.json (accuracies) and config.yaml's model section."""
+"""A recipe's stored record, docs/results/NAME.json, what its page is rendered from: the recipe's header, provenance,
+and every stage with what its run wrote itself: run.json, metrics.jsonl, eval.json, config.yaml's model section."""
 
 from __future__ import annotations
 
@@ -16,6 +14,7 @@ import yaml
 
 from launch import run_files
 from launch.metrics import read_metrics
+from launch.run_record import read_record
 from recipes.stages import public
 
 RUN_KEYS = ("entry", "status", "world_size", "precision", "micro_batch", "global_batch", "steps", "peak_lr",
@@ -24,17 +23,9 @@ EVAL_KEYS = ("top1", "top5", "n_images", "steps", "global_batch")
 MODEL_KEYS = ("name", "objective", "target", "mask_ratio", "norm_pix_loss")
 
 
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def read_run(run_dir: Path, skip: int = 0) -> dict:
-    """{"run", "model", "metrics", "eval"}, each when the run wrote it; the median images/s counts the steps after
-    `skip` (a calibration's warm-up)."""
-    out, record, evaluation = {}, read_json(run_dir / run_files.RUN_RECORD), read_json(run_dir / run_files.EVAL)
+    """{"run", "model", "metrics", "eval"} as the run wrote them; the median images/s of the steps after `skip`."""
+    out, record, evaluation = {}, read_record(run_dir / run_files.RUN_RECORD), read_record(run_dir / run_files.EVAL)
     config = yaml.safe_load((run_dir / run_files.CONFIG).read_text()) if (run_dir / run_files.CONFIG).is_file() else {}
     if record:
         out["run"] = {k: record[k] for k in RUN_KEYS if k in record}
@@ -56,9 +47,9 @@ def read_run(run_dir: Path, skip: int = 0) -> dict:
 
 def collect(header: dict, stages: list[dict], run_dirs: dict[str, Path], folders: dict[str, Path],
             skip: dict[str, int] | None = None) -> dict:
-    """The record: the header, the provenance of the first run (its run.json without the host name, and the Python
-    version of the interpreter that ran the stages, which run.json does not record), every stage with its run."""
-    first = read_json(next(iter(run_dirs.values())) / run_files.RUN_RECORD)
+    """The record: the header, the first run's provenance (its run.json without the host; the Python version of the
+    stages' interpreter, which run.json lacks), and every stage with its run."""
+    first = read_record(next(iter(run_dirs.values())) / run_files.RUN_RECORD)
     provenance = {"git": first.get("git"), "python": platform.python_version(), "packages": first.get("packages", {}),
                   "hardware": {k: v for k, v in first.get("hardware", {}).items() if k != "host"}}
     return {**header, "provenance": provenance,

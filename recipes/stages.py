@@ -1,6 +1,5 @@
-"""Running a recipe's stages: an entry point (or data/make_shards.py) as a subprocess from the repository root, its
-output echoed and logged (STAGE_DIR/stage.log), its command, exit code and wall-clock in STAGE_DIR/stage.json; also
-the recipes' errors, and commands as the results page shows them (the machine's folders named: WORK, ...)."""
+"""Running a recipe's stages: each a subprocess from the repository root, logged (STAGE_DIR/stage.log) and recorded
+(STAGE_DIR/stage.json); the recipes' errors; commands as the page shows them (the machine's folders named)."""
 
 from __future__ import annotations
 
@@ -21,15 +20,13 @@ class StageError(RuntimeError):
 
 
 class InputError(StageError):
-    """The recipe cannot use what it was given (a missing tarball, a folder it must not delete); the message names the
-    option to change."""
+    """The recipe cannot use what it was given (a missing tarball, ...); the message names the option to change."""
 
 
 def run_stage(name: str, cmd: list[str], stage_dir: Path, env: dict[str, str], done_file: Path | None,
               reuse: bool = True) -> dict:
-    """Run `cmd`; returns {"stage", "command", "seconds", "returncode", "reused"}. With `reuse`, a finished stage with
-    the same command is not run again; a stage that runs starts from an emptied `stage_dir` (old checkpoints must not
-    be resumed), except one interrupted with the same command, which resumes from its last checkpoint."""
+    """Run `cmd` unless it finished before with the same command (and `reuse`); a rerun starts from an emptied
+    `stage_dir`, except after an interruption with the same command, which resumes from its last checkpoint."""
     stage_dir.mkdir(parents=True, exist_ok=True)
     record_path, log_path, shown = stage_dir / "stage.json", stage_dir / "stage.log", shell_join(cmd)
     if record_path.exists():

@@ -5,20 +5,16 @@
     python recipes/cifar10/chain.py --budget micro    # a 2-3 minute smoke test on the shipped sample (data/sample)
     python recipes/cifar10/chain.py --render-only     # redraw the loss curves and the page from docs/results/
 
-Stages, each an entry point run as a subprocess: shards (the CIFAR-10 JPEG tarball, --tarball or
-$TESSERA_CIFAR10_TARBALL, unpacked once into --cifar-dir; data/make_shards.py: train, test, and for the cpu budget a
-class-balanced probe_train; micro uses data/sample), pretrain/mae.py with pretrain/configs/cifar10_<budget>.yaml, then
-finetune/linprobe.py and finetune/classify.py (configs cifar10_{linprobe,finetune}_<budget>.yaml) from the MAE encoder
-and from encoder=random with the same recipe, steps and batch. Then recipes/cifar10/chain_report.py: the record
-docs/results/cifar10_<budget>.json from the runs' own files, the loss curve, the budget's block of docs/RESULTS.md.
-Settings live in the YAML files (this script adds paths); --pretrain-arg, --probe-arg, --finetune-arg add overrides
-to one stage. Stages whose command is unchanged are reused from --work; --fresh starts over.
+Stages, each an entry point run as a subprocess: data/make_shards.py on the CIFAR-10 JPEG tarball (--tarball or
+$TESSERA_CIFAR10_TARBALL; micro uses data/sample), pretrain/mae.py, then finetune/linprobe.py and finetune/classify.py
+from the MAE encoder and from encoder=random with the same recipe (configs: cifar10_*_<budget>.yaml; --pretrain-arg,
+--probe-arg, --finetune-arg add overrides). recipes/cifar10/chain_report.py writes the record, the loss curve and the
+budget's block of docs/RESULTS.md. Stages whose command is unchanged are reused from --work; --fresh starts over.
 """
 
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 from launch import run_files
@@ -26,11 +22,10 @@ from recipes.cifar10 import options
 from recipes.cifar10.chain_report import render_page, write_results
 from recipes.cifar10.shards import prepare_data, split_sizes
 from recipes.page import fmt, fmt_seconds
-from recipes.stages import REPO, now_iso, run_stage
+from recipes.stages import REPO, run_stage
 
 PROG = "recipes/cifar10/chain.py"
-# budget: (MAE variant, also encoder=random's arch=; images per class of the probe's training split (None: all of
-# train); the data: "sample" = the shipped data/sample, "cifar" = shards from the tarball; what the budget asks)
+# budget: (MAE variant, also encoder=random's arch; probe_train images per class (None: train); data; the question)
 BUDGETS = {
     "micro": ("mae_vit_tiny_patch4_dec128d2b", None, "sample",
               "smoke test on the shipped 4,000/1,000-image sample; checks the plumbing, not the quality"),
@@ -44,8 +39,7 @@ RUNS = ("pretrain", "probe_mae", "probe_random", "finetune_mae", "finetune_scrat
 
 def chain(args) -> dict:
     variant, per_class, source, summary = BUDGETS[args.budget]
-    work, env, py = options.prepare_work(Path(args.work), args.fresh), options.stage_env(args.threads), sys.executable
-    started, t0 = now_iso(), time.perf_counter()
+    (work, env, started, t0), py = options.start(args), sys.executable
     data, probe_split, stages = prepare_data(source, per_class, args, env)
     run_dirs = {key: work / key for key in RUNS}
     encoder = run_dirs["pretrain"] / run_files.ENCODER

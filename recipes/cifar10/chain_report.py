@@ -1,6 +1,5 @@
-"""The CIFAR-10 chain's report writer: the stored record docs/results/cifar10_<budget>.json (`recipes/record.py`),
-the pretraining loss curve and reconstruction grid, and the budget's block of docs/RESULTS.md (`cifar10_<budget>`),
-rendered from the stored records alone."""
+"""The CIFAR-10 chain's report writer: the record docs/results/cifar10_<budget>.json, the loss curve, the
+reconstruction grid and the budget's block of docs/RESULTS.md, rendered from the stored records alone."""
 
 from __future__ import annotations
 
@@ -43,8 +42,7 @@ def render_page(docs: Path, redraw: bool = False) -> Path:
 
 def draw_curve(path: Path) -> Path:
     """The loss curve of the stored record at `path`, beside it."""
-    record = json.loads(path.read_text())
-    p = stage(record, "pretrain")
+    p = stage(record := json.loads(path.read_text()), "pretrain")
     target = "normalised pixels" if p["model"].get("norm_pix_loss") else "pixels"
     return draw_loss_curve(p["metrics"]["loss_curve"], path.parent / record["files"]["loss_curve"],
                            title=f"MAE pretraining loss, CIFAR-10, {record['budget']} budget ({p['model']['name']})",

@@ -1,23 +1,20 @@
 """The objectives and augmentation study at the CIFAR-10 CPU budget: every arm pretrains for the same wall-clock
-(--minutes, 10 by default: the chain's MAE pretraining), then the k-NN monitor and the linear probe.
+(--minutes, the chain's MAE pretraining by default), then the k-NN monitor and the linear probe.
 
     python recipes/cifar10/objectives.py --threads 2          # ~1.5 h on a 2-core CPU
     python recipes/cifar10/objectives.py --render-only        # rebuild the page's blocks and the chart from the JSON
 
-Arms: a random encoder (the init), MAE on normalised pixels, MAE on HOG targets, SimMIM, data2vec, and two milder
-pretraining augmentations of MAE. A 40-step calibration run per objective measures its images/s here, and it gets the
-steps that take --minutes at that rate (the augmentation arms take MAE's). Each stage is an entry point run as a
-subprocess on the chain's cpu data; the k-NN monitor runs once, at the end (bank probe_train, the whole test split,
-mean-pooled patch tokens). recipes/cifar10/objectives_report.py writes docs/results/objectives_cpu.json from the runs'
-own files, the chart and the study's blocks of docs/RESULTS.md. Finished stages with the same command are reused.
+A 40-step calibration run per objective measures its images/s here, and it gets the steps that take --minutes at that
+rate (the augmentation arms take MAE's). The k-NN monitor runs once, at the end (bank probe_train, the whole test
+split, mean-pooled patch tokens). recipes/cifar10/objectives_report.py writes the record, the chart and the study's
+blocks of docs/RESULTS.md. Finished stages with the same command are reused.
 """
 
 from __future__ import annotations
 
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
@@ -27,29 +24,22 @@ from recipes.cifar10.chain import BUDGETS
 from recipes.cifar10.objectives_report import NAME, render, write_results
 from recipes.cifar10.shards import prepare_data
 from recipes.record import read_run
-from recipes.stages import REPO, StageError, now_iso, run_stage
+from recipes.stages import REPO, StageError, run_stage
 
 PROG = "recipes/cifar10/objectives.py"
 CONFIG = "pretrain/configs/cifar10_cpu.yaml"  # every arm's recipe; arms differ only by their overrides
-# every arm starts from the ImageNet recipe's crop, stated here because the CPU recipe itself dropped it after this
-# study (pretrain/configs/cifar10_cpu.yaml says why); the augmentation arms override it
+# the ImageNet recipe's crop, which the CPU recipe dropped after this study (its yaml says why); some arms override it
 BASELINE_AUGMENT = ("data.augment=crop", "data.crop_scale=0.2,1.0", "data.hflip=0.5")
 CALIBRATION_STEPS, CALIBRATION_SKIP = 40, 10  # images/s: median over logged steps after the first 10 (warm-up)
 
 
-@dataclass(frozen=True)
-class Arm:
+class Arm(NamedTuple):
     name: str
     short: str  # in the finding's rankings
     label: str
     studies: tuple[str, ...]  # the tables it appears in: "objective", "augmentation"
-    overrides: tuple[str, ...]
+    overrides: tuple[str, ...]  # after the baseline augmentation, unless they switch augmentation off
     calibrate: bool = True  # False: costs what MAE costs per step, so it takes MAE's step count
-
-    @property
-    def augment(self) -> tuple[str, ...]:
-        """The baseline augmentation unless the arm switches augmentation off (its crop keys would not apply)."""
-        return () if "data.augment=none" in self.overrides else BASELINE_AUGMENT
 
 
 ARMS = (
@@ -69,9 +59,13 @@ ARMS = (
 )
 
 
+def augment(arm: Arm) -> tuple[str, ...]:
+    """The arm's overrides after the baseline augmentation, whose crop keys would not apply to data.augment=none."""
+    return (*(() if "data.augment=none" in arm.overrides else BASELINE_AUGMENT), *arm.overrides)
+
+
 def study(args) -> dict:
-    work, env, py = options.prepare_work(Path(args.work), args.fresh), options.stage_env(args.threads), sys.executable
-    started, t0 = now_iso(), time.perf_counter()
+    (work, env, started, t0), py = options.start(args), sys.executable
     _, per_class, source, _ = BUDGETS["cpu"]
     shards, probe_split, stages = prepare_data(source, per_class, args, env)
     batch = int(yaml.safe_load((REPO / CONFIG).read_text())["data"]["micro_batch"])
@@ -83,7 +77,7 @@ def study(args) -> dict:
     for arm in ARMS:  # MAE's rate sets the step count of every arm that is not calibrated itself
         if arm.calibrate and (arm in arms or (arm.name == "mae" and trains)):
             name, out = f"calibrate:{arm.name}", work / "calibrate" / arm.name
-            cmd = [*base, *arm.augment, *arm.overrides, f"run.steps={CALIBRATION_STEPS}", "knn.enabled=false",
+            cmd = [*base, *augment(arm), f"run.steps={CALIBRATION_STEPS}", "knn.enabled=false",
                    "vis.num_images=0", f"run.output_dir={out}"]
             stages.append(run_stage(name, cmd, out, env, out / run_files.METRICS))
             run_dirs[name] = out
@@ -96,7 +90,7 @@ def study(args) -> dict:
         rate = rates[arm.name] if arm.calibrate else rates.get("mae")
         steps = [f"run.steps={max(1, round(args.minutes * 60 * rate / batch))}"] if arm.name != "random" else []
         out, probe_dir = work / arm.name, work / f"{arm.name}_probe"
-        cmd = [*base, *arm.augment, *arm.overrides, *steps, *knn, f"run.output_dir={out}"]
+        cmd = [*base, *augment(arm), *steps, *knn, f"run.output_dir={out}"]
         stages.append(run_stage(f"pretrain:{arm.name}", cmd, out, env, out / run_files.ENCODER))
         cmd = [py, "finetune/linprobe.py", "finetune/configs/cifar10_linprobe_cpu.yaml",
                f"data.train={shards}:{probe_split}", f"encoder={out / run_files.ENCODER}",

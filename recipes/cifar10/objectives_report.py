@@ -1,6 +1,5 @@
-"""The objectives study's report writer: the stored record docs/results/objectives_cpu.json (`recipes/record.py`), a
-bar chart of k-NN and probe top-1 per arm, and the study's blocks of docs/RESULTS.md (`objectives_cpu:run`, `:budget`,
-`:tables`, `:stages`), rendered from the stored record alone."""
+"""The objectives study's report writer: the record docs/results/objectives_cpu.json, a bar chart of k-NN and probe
+top-1 per arm, and the study's blocks of docs/RESULTS.md, rendered from the stored record alone."""
 
 from __future__ import annotations
 
@@ -19,13 +18,11 @@ NAME = "objectives_cpu"
 STUDIES = (("objective", "Objectives"), ("augmentation", "Pretraining augmentation (MAE)"))
 TABLE_HEAD = ("| arm | steps (epochs) | pretraining wall-clock | images/s | loss first -> last | k-NN top-1 (%) | "
               "probe top-1 (%) |\n|---|---:|---:|---:|---:|---:|---:|")
-LOSS_MEAN_OVER = 20  # "loss first -> last": the mean of the first and of the last 20 logged steps
 
 
 def write_results(header: dict, stages: list[dict], run_dirs: dict[str, Path], folders: dict[str, Path],
                   docs: Path, skip: dict[str, int]) -> dict:
-    """Collect the record (the header, the first run's provenance, each stage with its run's files; a calibration's
-    images/s after `skip[stage]` steps), store it with its chart, and rewrite the page's blocks; returns the record."""
+    """Collect and store the record (a calibration's images/s after `skip[stage]` steps), draw, rewrite the page."""
     record = collect(header, stages, run_dirs, folders, skip)
     save_record(docs / "results" / f"{NAME}.json", record)
     render(docs)
@@ -42,7 +39,8 @@ def render(docs: Path) -> Path:
 
 
 def arm_rows(record: dict) -> dict[str, dict]:
-    """Each arm's numbers: its label, pretraining (steps, epochs, wall-clock, images/s, losses, k-NN) and probe."""
+    """Each arm's numbers: its label, pretraining (steps, epochs, wall-clock, images/s, the mean loss of the first and
+    of the last 20 logged steps, k-NN) and probe."""
     rows = {}
     for name, arm in record["arms"].items():
         pre, probe = stage(record, f"pretrain:{name}"), stage(record, f"probe:{name}")
@@ -51,8 +49,8 @@ def arm_rows(record: dict) -> dict[str, dict]:
         knn = m.get("knn_top1")
         rows[name] = {**arm, "steps": m.get("steps"), "epochs": m.get("epoch"), "seconds": pre.get("seconds"),
                       "images_per_sec": m.get("images_per_sec"),
-                      "loss_first": statistics.fmean(losses[:LOSS_MEAN_OVER]) if losses else None,
-                      "loss_last": statistics.fmean(losses[-LOSS_MEAN_OVER:]) if losses else None,
+                      "loss_first": statistics.fmean(losses[:20]) if losses else None,
+                      "loss_last": statistics.fmean(losses[-20:]) if losses else None,
                       "knn_top1": None if knn is None else 100.0 * knn, "probe_top1": probe.get("eval", {}).get("top1")}
     return rows
 

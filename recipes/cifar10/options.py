@@ -27,27 +27,22 @@ def parser(prog: str, doc: str, work: str) -> argparse.ArgumentParser:
     p.add_argument("--docs", default=str(REPO / "docs"), help="folder of RESULTS.md and results/ (default: docs/)")
     p.add_argument("--threads", type=int, default=None, help="OMP/MKL threads of every stage (default: inherited)")
     p.add_argument("--fresh", action="store_true", help="delete --work first and rerun every stage")
-    p.add_argument("--render-only", action="store_true",
-                   help="only redraw the pictures and the page's blocks from docs/results/*.json")
+    p.add_argument("--render-only", action="store_true", help="only redraw the page and its pictures from the records")
     return p
 
 
-def prepare_work(work: Path, fresh: bool) -> Path:
-    """Create --work (with its marker); with --fresh empty it first, but only when a recipe made it."""
-    if fresh and work.exists() and any(work.iterdir()):
+def start(args) -> tuple[Path, dict[str, str], str, float]:
+    """(--work, made with its marker: --fresh empties only such a folder; the stages' environment; the start time)."""
+    work = Path(args.work)
+    if args.fresh and work.exists() and any(work.iterdir()):
         if not (work / MARKER).exists():
             raise InputError(f"--fresh would delete {work}, which no recipe created (no {MARKER}); pick another --work")
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     (work / MARKER).touch()
-    return work
-
-
-def stage_env(threads: int | None) -> dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    return env
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **({"OMP_NUM_THREADS": str(args.threads),
+                                                     "MKL_NUM_THREADS": str(args.threads)} if args.threads else {}))
+    return work, env, now_iso(), time.perf_counter()
 
 
 def folders(args) -> dict[str, Path]:
@@ -57,16 +52,14 @@ def folders(args) -> dict[str, Path]:
 
 
 def header(prog: str, args, env: dict, started: str, t0: float, **fields) -> dict:
-    """The record's header: `fields`, the run's times, the recipe's own command as the page shows it, the stages'
-    thread count."""
+    """The record's header: `fields`, the times, the recipe's own command as the page shows it, the thread count."""
     return {**fields, "started": started, "finished": now_iso(), "total_seconds": round(time.perf_counter() - t0, 1),
             "command": public(shlex.join(["python", prog, *args.argv]), folders(args)),
             "threads": env.get("OMP_NUM_THREADS")}
 
 
 def run(p: argparse.ArgumentParser, argv: list[str] | None, work, main, render):
-    """Parse (--work defaults to `work(args)`), then `render(docs)` (--render-only) or `main(args)`; an input or
-    stage problem exits in one line."""
+    """Parse, then `render(docs)` (--render-only) or `main(args)`; an input or stage problem exits in one line."""
     args = p.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
     args.work = str(Path(args.work or work(args)).resolve())

@@ -1,7 +1,5 @@
-"""The CIFAR-10 recipes' data stage: unpack the CIFAR-10 JPEG tarball once (`--tarball`, else
-`$TESSERA_CIFAR10_TARBALL`: a .tar.gz holding train/ and test/ ImageFolder trees), build a class-balanced probe
-subset, and write the WebDataset shards with `data/make_shards.py` (a subprocess); the micro budget uses `data/sample`
-as it is."""
+"""The CIFAR-10 recipes' data: the JPEG tarball (--tarball, else $TESSERA_CIFAR10_TARBALL: train/ and test/
+ImageFolder trees) unpacked once, a class-balanced probe subset, WebDataset shards by data/make_shards.py."""
 
 from __future__ import annotations
 
@@ -11,7 +9,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from recipes.record import read_json
+from launch.run_record import read_record
 from recipes.stages import REPO, InputError, StageError, run_stage
 
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
@@ -58,7 +56,8 @@ def class_subset(train_dir: Path, out_dir: Path, per_class: int) -> Path:
 
 def split_sizes(shard_dir: Path) -> dict[str, int]:
     """Images per split, from the shards' dataset.json ({} when there are no shards yet)."""
-    return {k: int(v.get("num_samples", 0)) for k, v in read_json(shard_dir / "dataset.json").get("splits", {}).items()}
+    splits = read_record(shard_dir / "dataset.json").get("splits", {})
+    return {k: int(v.get("num_samples", 0)) for k, v in splits.items()}
 
 
 def prepare_data(source: str, per_class: int | None, args, env) -> tuple[Path, str, list[dict]]:
