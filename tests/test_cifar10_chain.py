@@ -21,10 +21,9 @@ import yaml
 from PIL import Image
 
 from recipes.cifar10 import chain as chain_mod
+from recipes.cifar10 import objectives as study_mod
 from recipes.cifar10 import options
 from recipes.cifar10 import shards as shards_mod
-from recipes.cifar10.chain_report import render_page
-from recipes.cifar10.objectives_report import render as render_objectives
 from recipes.cifar10.shards import TARBALL_ENV, class_subset, ensure_cifar
 from recipes.loss_plot import draw_loss_curve, loss_figure, moving_average
 from recipes.page import write_blocks
@@ -283,16 +282,19 @@ def test_chain_wiring_and_results(tmp_path, monkeypatch):
 
 
 def test_results_page_is_what_the_writers_render_from_the_stored_records(tmp_path):
-    """docs/RESULTS.md's generated blocks are exactly what the two report writers make of docs/results/*.json, and
-    the prose around them stays as written."""
+    """docs/RESULTS.md's generated blocks are exactly what the two report writers make of docs/results/*.json (through
+    the recipes' --render-only), and the prose around them stays as written."""
     (tmp_path / "results").mkdir()
     shutil.copy(REPO / "docs" / "RESULTS.md", tmp_path / "RESULTS.md")
     for f in (REPO / "docs" / "results").glob("*.json"):
         shutil.copy(f, tmp_path / "results" / f.name)
-    render_page(tmp_path)
-    render_objectives(tmp_path)
+    assert chain_mod.main(["--render-only", "--docs", str(tmp_path)]) is None  # as documented, pictures redrawn
+    assert study_mod.main(["--render-only", "--docs", str(tmp_path)]) is None
     stored = (REPO / "docs" / "RESULTS.md").read_text()
     assert (tmp_path / "RESULTS.md").read_text() == stored
+    for picture in ("cifar10_cpu_pretrain_loss.png", "objectives_cpu.png"):
+        with Image.open(tmp_path / "results" / picture) as img, Image.open(REPO / "docs" / "results" / picture) as ref:
+            assert img.size == ref.size
     assert "1,800 steps of 64 images\n(2.30 epochs)" in stored  # the pretraining's global batch, from its record
     for folder in ("/tmp/", "/work/", "../shared"):
         assert folder not in stored
