@@ -17,6 +17,7 @@ from data.norm_stats import norm_stats
 from data.synthetic import SyntheticLoader
 from data.train_stream import build_train_loader
 from data.transforms import default_crop_pct, eval_transform, uint8_output
+from launch.batch_memory import check_micro_batch
 from launch.weights import Weights, read_weights
 
 
@@ -61,6 +62,10 @@ class Downstream:
     def train_batches(self, rt, session, data, transform, seed: int):
         """The training stream of `data.train` (or random images with `data.loader=synthetic`), registered with the
         session (its position is saved and restored), as device batches."""
+        check_micro_batch(rt.micro_batch, self.train.num_samples if data.loader == "stream" else None,
+                          (len(self.mean), self.img_size, self.img_size),
+                          data.num_workers if data.loader == "stream" else 0, world_size=rt.world,
+                          dtype="uint8" if self.output == "uint8" or data.loader != "stream" else "float32")
         if data.loader == "synthetic":
             loader = SyntheticLoader(batch_size=rt.micro_batch, channels=len(self.mean), img_size=self.img_size,
                                      num_classes=self.num_classes, seed=seed, rank=rt.rank, world_size=rt.world)
@@ -101,6 +106,10 @@ def resolve_downstream(cfg) -> Downstream:
     source = read_weights(cfg.encoder, want="encoder", weights=cfg.encoder_weights, arch=cfg.arch,
                           num_heads=cfg.num_heads, seed=cfg.run.seed)
     chans = int(source.encoder_cfg.get("in_chans", 3))
+    if train.meta.get("channels") and int(train.meta["channels"]) != chans:
+        raise ConfigError(f"the encoder ({cfg.encoder}) takes {chans}-channel images but data.train={cfg.data.train} "
+                          f"holds {train.meta['channels']}-channel ones (its dataset.json); give an encoder "
+                          f"pretrained on such images")
     mean, std, _ = norm_stats(cfg.data.mean, cfg.data.std, train.meta, chans)
     size = cfg.model.img_size or source.encoder_cfg["img_size"]
     size = size if isinstance(size, int) else size[0]

@@ -17,9 +17,10 @@ from pathlib import Path
 from core.errors import ConfigError
 from data.device_input import device_batches
 from data.eval_stream import build_eval_loader
-from data.info import DatasetError, locate, resolve
+from data.info import locate
 from data.transforms import eval_transform, uint8_output
 from finetune.config import EvaluateConfig
+from finetune.downstream import labelled_split
 from finetune.evaluation import evaluate_model, write_eval_json
 from launch.accel import build_accelerator
 from launch.config import parse_cli
@@ -35,13 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     w = read_weights(cfg.checkpoint, want="classifier")
     model, meta, ckpt_path = classifier_model(w), w.meta, w.path
     spec = locate(cfg.data.test)
-    try:
-        info = resolve(spec)
-    except DatasetError as exc:
-        raise ConfigError(f"data.test={cfg.data.test}: {exc}") from None
-    if info.labelled is False or not info.num_classes:
-        raise ConfigError(f"data.test={cfg.data.test} has no labels (dataset.json lists no classes); evaluation needs "
-                          f"labels")
+    info = labelled_split(spec, "data.test")
     if info.num_classes != meta["num_classes"]:
         raise ConfigError(f"the classifier has {meta['num_classes']} classes but data.test={cfg.data.test} has "
                           f"{info.num_classes} (dataset.json)")

@@ -21,6 +21,7 @@ from core.errors import ConfigError
 from launch import run_files
 from launch.loop import Hook
 from launch.metrics import json_safe
+from launch.signals import signals_deferred
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
@@ -128,6 +129,11 @@ class ClassifierEval:
         return {"test_top1": r["top1"], "test_top5": r["top5"], "test_loss": r["loss"]}
 
     def finish(self, step: int, summary: dict) -> dict:
+        """A stop signal meanwhile waits for the final evaluation and export (every file is written atomically)."""
+        with signals_deferred(self.session.rt.say):
+            return self._finish(step, summary)
+
+    def _finish(self, step: int, summary: dict) -> dict:
         session = self.session
         r = self.evaluate()
         session.log(step, {"test_top1": r["top1"], "test_top5": r["top5"], "test_loss": r["loss"]})

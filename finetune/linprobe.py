@@ -36,6 +36,7 @@ from launch.loop import TrainLoop
 from launch.session import Runtime, Session, start_run
 from launch.weights import encoder_model
 from models.compile import compile_blocks, compile_enabled
+from models.flops import vit_flops_per_image
 from models.probe import ProbeClassifier
 
 PROG = "finetune/linprobe.py"
@@ -122,7 +123,12 @@ def main(argv: list[str] | None = None) -> dict:
                            trust_coeff=cfg.optim.trust_coeff)
     head, optimizer = rt.accelerator.prepare(model.head, optimizer)
     peak_lr = cfg.optim.peak_lr(rt.global_batch)
-    with Session(rt, cfg, name="linprobe", fingerprint=fingerprint, record={"peak_lr": peak_lr}) as session:
+    head_flops = 3 * 2 * model.encoder.embed_dim * ds.num_classes  # the Linear's forward and backward
+    enc_cfg = ds.source.encoder_cfg
+    encoder_flops = vit_flops_per_image(dict(enc_cfg, img_size=ds.img_size)) if feats is None and "hybrid" not in \
+        enc_cfg else 0  # the augmented path runs the frozen encoder forward each step (no backward through it)
+    record = {"peak_lr": peak_lr, "flops_per_image": head_flops + encoder_flops, "data": ds.train_spec}
+    with Session(rt, cfg, name="linprobe", fingerprint=fingerprint, record=record) as session:
         if feats is None:  # the recipe: RandomResizedCrop + flip, an encoder forward every step
             ttf = pretrain_transform(ds.img_size, ds.mean, ds.std, scale=(0.08, 1.0), output=ds.output)
             batches = ds.train_batches(rt, session, cfg.data, ttf, cfg.run.seed)
@@ -155,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
                                      accum=rt.accum, world=rt.world, rank=rt.rank, seed=cfg.run.seed,
                                      start_micro=start * rt.accum, device=rt.device)
         done = TrainLoop(session, head, optimizer, step_fn, batches, peak_lr, hooks=[evaluation.hook()],
-                         desc=f"linprobe ({path_used})").fit()
+                         desc=f"linprobe ({path_used})", flops_per_image=record["flops_per_image"]).fit()
         if done.stopped_by:
             return session.stopped(done)
         return evaluation.finish(done.step, {

@@ -354,11 +354,14 @@ class CheckpointManager:
     def choose(self) -> Path | None:
         """The newest complete checkpoint whose files check out (main process decides, all ranks get the answer).
         Each newer one that does not is named in a warning and renamed `<name>.corrupt`."""
-        chosen = None
+        chosen, unsafe = None, None
         if self.accelerator.is_main_process:
             self._clean_stale()
             bad = []
             for _, path in reversed(self.complete()):
+                unsafe = self._unsafe(path)  # a planted file is refused, not taken for a corrupt one
+                if unsafe is not None:
+                    break
                 problem = verify_checkpoint(path)
                 if problem is None:
                     chosen = str(path)
@@ -372,24 +375,28 @@ class CheckpointManager:
                            "no older complete checkpoint is left: starting from the beginning")
                 warn(f"checkpoint {path} is incomplete or corrupt: {problem}. Kept as {kept}; {instead}")
         if self.accelerator.num_processes > 1:
-            box = [chosen]
+            box = [chosen, unsafe]
             broadcast_object_list(box, from_process=0)
-            chosen = box[0]
+            chosen, unsafe = box
+        if unsafe is not None:
+            raise CheckpointUnsafe(unsafe)
         return Path(chosen) if chosen else None
 
-    def check_safe(self, path: Path) -> None:
-        """Refuse (every rank) a checkpoint with a file that would run code when loaded (`launch/safe_load.py`)."""
+    def _unsafe(self, path: Path) -> str | None:
+        """Why a checkpoint directory must not be loaded: the first file that would run code (`launch/safe_load.py`)."""
         from launch.safe_load import unsafe_file
 
-        problem = None
-        if self.accelerator.is_main_process:
-            for file in sorted(p for p in path.rglob("*") if p.is_file()):
-                why = unsafe_file(file)
-                if why is not None:
-                    problem = (f"refusing to resume from {path}: {file.relative_to(path)} cannot be read without "
-                               f"running code: {why}. Tessera and the libraries it uses never write such a file; "
-                               f"if you do not trust the run directory, delete the checkpoint (rm -r {path})")
-                    break
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            why = unsafe_file(file)
+            if why is not None:
+                return (f"refusing to resume from {path}: {file.relative_to(path)} cannot be read without running "
+                        f"code: {why}. Tessera and the libraries it uses never write such a file; if you do not "
+                        f"trust the run directory, delete the checkpoint (rm -r {path})")
+        return None
+
+    def check_safe(self, path: Path) -> None:
+        """Refuse (every rank) a checkpoint with a file that would run code when loaded."""
+        problem = self._unsafe(path) if self.accelerator.is_main_process else None
         if self.accelerator.num_processes > 1:
             problem = broadcast_object_list([problem], from_process=0)[0]
         if problem is not None:

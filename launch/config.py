@@ -10,7 +10,8 @@
 * A top-level config may map old spellings to their keys (`RENAMED = {"data.path": "data.train and data.test"}`):
   an old key is refused with a message naming the new one.
 * A section (or the top level) may say which of its keys do not apply given the others (`def inapplicable(self) ->
-  {field: why}`, e.g. `optim.betas` when `optim.name=lars`): such a key, when given, is refused in one line.
+  {field: why}`, e.g. `optim.betas` when `optim.name=lars`): such a key, given on the command line, is refused in one
+  line (a YAML file's keys are a recipe's, written for a family of runs, and may not all apply to each).
 """
 
 from __future__ import annotations
@@ -306,9 +307,11 @@ def _inapplicable(cfg: Any, prefix: str = "") -> dict[str, str]:
 
 
 def _refuse_inapplicable(cfg: Any, given: list[str], sources: Mapping[str, str]) -> None:
+    """Refuse the keys given on the command line that do not apply; a YAML file's keys are a recipe's (written for a
+    family of runs: `data.shuffle_buffer` of a streaming recipe stays harmless under `data.loader=synthetic`)."""
     rules = _inapplicable(cfg)
     for key in given:
-        if key in rules:
+        if key in rules and sources.get(key, COMMAND_LINE) == COMMAND_LINE:
             raise ConfigError(f"config key '{key}' (from {sources.get(key, COMMAND_LINE)}) does not apply here: "
                               f"{rules[key]}")
 

@@ -89,7 +89,7 @@ class TrainLoop:
         deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
         params = [p for p in self.model.parameters() if p.requires_grad]
         guard = None if deepspeed else NonFiniteGuard(self.optimizer, acc.scaler, self.model)
-        stop = StopFlag(acc.num_processes)
+        stop = self.session.stop or StopFlag(acc.num_processes)  # the session's, installed when the run began
         # counters live on the device and are read at log and save steps only
         nf_total = torch.tensor(float(state.get("nonfinite_total", 0)), device=device)
         nf_run = torch.tensor(float(state.get("nonfinite_consecutive", 0)), device=device)
@@ -100,8 +100,8 @@ class TrainLoop:
         good_ckpt = state.get("last_good_checkpoint") if state.get("nonfinite_consecutive") else state.get("path")
         clock = (time.perf_counter(), step)
         self._wait = 0.0  # host seconds spent in next(batches) since the last log step
-        samples = SampleLog(acc, self.session.run_dir, step) if getattr(self.session.cfg.data, "log_samples",
-                                                                         False) else None
+        data = getattr(self.session.cfg, "data", None)  # the entry point's data section (data.log_samples)
+        samples = SampleLog(acc, self.session.run_dir, step) if getattr(data, "log_samples", False) else None
         bar = tqdm(total=run.steps, initial=step, desc=self.desc, dynamic_ncols=True,
                    disable=not (run.progress and acc.is_main_process))
         self.model.train()
@@ -117,9 +117,8 @@ class TrainLoop:
                 first = self._next_batch()
             except StopRequested as req:
                 bar.close()
-                stop.restore()
                 return LoopResult(step=step, loss=None, stopped_by=str(req), checkpoint=None)
-            stop.waiting = False
+        stop.waiting = False
         while step < run.steps and stopped_by is None:
             lr = lr_at(step, peak_lr=self.peak_lr, warmup_steps=optim.warmup_steps, total_steps=run.steps,
                        min_lr=optim.min_lr)

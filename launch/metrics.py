@@ -52,7 +52,7 @@ class MetricsLogger:
         if not self.accelerator.is_main_process or not self.path.exists():
             return
         kept = []
-        for line in self.path.read_text().splitlines():
+        for line in self.path.read_text(errors="replace").splitlines():  # a damaged file loses its bad lines
             try:
                 if json.loads(line).get("step", 0) <= step:
                     kept.append(line)
@@ -70,7 +70,7 @@ def read_metrics(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return records
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:

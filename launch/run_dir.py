@@ -204,6 +204,8 @@ def claim_run_dir(run_dir: str | os.PathLike, *, resume: bool, overwrite: bool =
     `checkpoints/` and `metrics.jsonl` go to `run_dir/replaced-<time>/` (`claim.replaced`).
     """
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run.output_dir={run_dir} is a file, not a folder; choose another run.output_dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     claim = _take_lock(run_dir)
     try:

@@ -1,9 +1,10 @@
 """`RUN_DIR/run.json`: where a run's numbers came from, written by the run itself (main process), read by harnesses.
 
     {"entry": "pretrain", "status": "finished", "command": [...], "cwd": ..., "git": {"commit", "dirty"},
-     "packages": {"torch": ..., ...}, "hardware": {...}, "world_size": 2, "distributed_type": "MULTI_CPU",
-     "precision": "no", "zero_stage": null, "micro_batch": 8, "grad_accum_steps": 1, "global_batch": 16,
-     "peak_lr": 6.25e-05, "steps": 40, "flops_per_image": ..., "start_time": ..., "end_time": ..., "final": {...},
+     "python": "3.11.7", "packages": {"torch": ..., ...}, "hardware": {...}, "threads": 1, "world_size": 2,
+     "distributed_type": "MULTI_CPU", "precision": "no", "zero_stage": null, "micro_batch": 8,
+     "grad_accum_steps": 1, "global_batch": 16, "peak_lr": 6.25e-05, "steps": 40, "flops_per_image": ...,
+     "start_time": ..., "end_time": ..., "final": {...},
      "segments": [{"start_step": 0, "end_step": 20, "world_size": 2, "status": "stopped", ...}, ...]}
 
 Top-level fields describe the latest start of the run; `segments` keeps one entry per start (a resumed run appends
@@ -75,9 +76,14 @@ def start_record(path: Path, fields: dict, start_step: int) -> dict:
 
     old = read_record(path) if start_step else {}
     segments = [s for s in old.get("segments", []) if s.get("start_step", 0) < start_step]
+    import platform
+
+    import torch
+
     record = {**fields, "status": "running", "command": [sys.executable, *sys.argv], "cwd": os.getcwd(),
-              "git": git_state(), "packages": package_versions(), "hardware": describe(), "start_time": utc_now(),
-              "end_time": None, "final": None}
+              "git": git_state(), "python": platform.python_version(), "packages": package_versions(),
+              "hardware": describe(), "threads": torch.get_num_threads(), "start_time": utc_now(), "end_time": None,
+              "final": None}
     segments.append({"start_step": start_step, "end_step": None, "world_size": fields.get("world_size"),
                      "start_time": record["start_time"], "end_time": None, "status": "running"})
     record["segments"] = segments

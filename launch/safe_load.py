@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+DATA_SUFFIXES = (".safetensors", ".json", ".jsonl", ".yaml", ".yml")  # read without pickle; never a pickle
 ZIP_MAGIC = b"PK\x03\x04"
 
 
@@ -127,10 +128,11 @@ def unsafe_dcp(folder: Path) -> str | None:
     """Why the DCP checkpoint in `folder` cannot be loaded without running code, or None (see the module doc)."""
     try:
         _, items = _dcp_items(folder)
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, OSError) as exc:
+    except pickle.UnpicklingError as exc:
         named = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        return (f"its {DCP_METADATA} calls {named.group(1)} when loaded" if named else
-                f"its {DCP_METADATA} is no DCP metadata ({type(exc).__name__}: {str(exc).strip()[:160]})")
+        return f"its {DCP_METADATA} calls {named.group(1)} when loaded" if named else None  # else damaged
+    except (EOFError, ValueError, TypeError, AttributeError, OSError):
+        return None  # damaged, not code: the checkpoint's own check (`dcp_problem`) says so and falls back
     for file, offset, length, is_bytes, transforms in items:
         if transforms:
             return f"{file} stores items through DCP storage transforms {transforms}, which Tessera does not check"
@@ -146,8 +148,8 @@ def unsafe_dcp(folder: Path) -> str | None:
         except pickle.UnpicklingError as exc:
             named = re.search(r"GLOBAL ([\w.]+)", str(exc))
             return f"{file} holds an item that calls {named.group(1) if named else 'code'} when loaded"
-        except (RuntimeError, EOFError, ValueError, OSError) as exc:
-            return f"{file} holds an unreadable item at byte {offset} ({type(exc).__name__}: {str(exc)[:120]})"
+        except (RuntimeError, EOFError, ValueError, OSError):
+            continue  # damaged, not code (the checkpoint's own check reads the sizes)
     return None
 
 
@@ -167,7 +169,9 @@ def dcp_problem(folder: Path) -> str | None:
 
 
 def unsafe_file(path: Path) -> str | None:
-    """Why `path` cannot be read without running code, or None when it is plain data (or not a pickle at all)."""
+    """Why `path` cannot be read without running code, or None when it is plain data (or not a pickle at all). A
+    pickle under the name of a data file (.safetensors, .json, .yaml) is refused too: something replaced the file. A
+    distributed checkpoint's files are checked through its `.metadata` (`unsafe_dcp`)."""
     if path.name == DCP_METADATA:
         return unsafe_dcp(path.parent)
     if path.suffix == DCP_SUFFIX:  # read through its folder's .metadata (checked there)
@@ -175,7 +179,15 @@ def unsafe_file(path: Path) -> str | None:
     if not is_pickle_file(path):
         return None
     with path.open("rb") as fh:
-        mmap = fh.read(4) == ZIP_MAGIC
+        head = fh.read(9)
+    if path.suffix in DATA_SUFFIXES:
+        # a safetensors file starts with its header's length (8 bytes, any value) and then "{"; a pickle with 0x80 and
+        # its protocol (2 to 5)
+        data = path.suffix == ".safetensors" and head[8:9] == b"{"
+        if not data and head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+            return f"it is a pickle, not the {path.suffix} file that belongs there"
+        return None
+    mmap = head[:4] == ZIP_MAGIC
     try:
         with torch.serialization.safe_globals(_allowed_globals()), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's note on pickle protocols other than its own
@@ -183,8 +195,8 @@ def unsafe_file(path: Path) -> str | None:
     except pickle.UnpicklingError as exc:
         named = re.search(r"GLOBAL ([\w.]+)", str(exc))
         return f"it is a pickle that calls {named.group(1) if named else 'code'} when loaded"
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        return f"it is not a readable torch.save file ({type(exc).__name__}: {str(exc).strip()[:160]})"
+    except (RuntimeError, EOFError, ValueError, OSError):
+        return None  # damaged (e.g. truncated), not code: the checkpoint's own check says so and falls back
     return None
 
 

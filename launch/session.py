@@ -50,6 +50,7 @@ from launch.metrics import MetricsLogger
 from launch.run_dir import RunDirClaim, claim_run_dir
 from launch.run_record import end_record, start_record
 from launch.sections import OptimConfig, RunConfig
+from launch.signals import StopFlag, StopRequested
 
 # Config keys (dotted, or a section's prefix ending in ".") that may change when a run resumes: how long it runs, how
 # it logs, evaluates, saves and reads data, the monitors, and the optimiser's schedule (a lower lr after a spike). Any
@@ -178,18 +179,26 @@ class Session:
         _CLAIMS[self.run_dir.resolve()] = self
         self.ckpt = CheckpointManager(rt.accelerator, self.run_dir, keep=cfg.run.keep_checkpoints)
         self.metrics: MetricsLogger | None = None
+        self.stop: StopFlag | None = None  # SIGTERM/SIGUSR1 from `begin` on (the loop polls it at step boundaries)
 
     # ------------------------------------------------------------------------------------------ set-up
 
     def __enter__(self) -> Session:
         return self
 
-    def __exit__(self, kind, exc, tb) -> None:
-        """A run that ends by an exception: its record says "failed" (with the error's first line), the directory is
-        released; a run that ended normally has already closed."""
+    def __exit__(self, kind, exc, tb) -> bool:
+        """A stop signal before the first step (StopRequested): the run stops, says so, exit status 0. A run that
+        ends by another exception: its record says "failed" (with the error's first line), the directory is released;
+        a run that ended normally has already closed."""
+        if isinstance(exc, StopRequested):
+            self.rt.say(f"[{self.name}] stopped by {exc} before its first step; nothing new to save. Re-run the same "
+                        f"command to {'resume' if self.resumed else 'start'}.")
+            self._end("stopped", self.start_step, None)
+            return True
         if exc is not None and self.claim is not None:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             self._end("failed", self.start_step, {"error": f"{type(exc).__name__}: {first}"[:500]})
+        return False
 
     def _claim(self) -> RunDirClaim | None:
         claim, error = None, None
@@ -239,10 +248,14 @@ class Session:
         self.metrics = MetricsLogger(self.run_dir, self.rt.accelerator)
         if self.rt.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            for partial in self.run_dir.glob("*.tmp[0-9]*"):  # a file a killed process was writing (atomic writes)
+                partial.unlink(missing_ok=True)
             save_config(self.cfg, self.run_dir / run_files.CONFIG)
             self.metrics.truncate_after(self.start_step)
             self._record = start_record(self.run_dir / run_files.RUN_RECORD, self._record_fields, self.start_step)
         self._init_trackers()
+        self.stop = StopFlag(self.rt.world)
+        self.stop.waiting = True  # until the first batch arrives, a stop signal ends the run at once (the loop)
         return self.start_step
 
     def _check_resume(self, path: Path, saved: dict) -> None:
@@ -332,8 +345,12 @@ class Session:
 
     def stopped(self, done) -> dict:
         """After a loop stopped by a signal: say where the checkpoint is, end the record, release; the summary."""
-        self.rt.say(f"[{self.name}] stopped by {done.stopped_by} at step {done.step}; checkpoint saved in "
-                    f"{done.checkpoint}. Re-run the same command to resume.")
+        if done.checkpoint is None:
+            self.rt.say(f"[{self.name}] stopped by {done.stopped_by} before its first step; nothing new to save. "
+                        f"Re-run the same command to {'resume' if self.resumed else 'start'}.")
+        else:
+            self.rt.say(f"[{self.name}] stopped by {done.stopped_by} at step {done.step}; checkpoint saved in "
+                        f"{done.checkpoint}. Re-run the same command to resume.")
         self._end("stopped", done.step, None)
         return {"step": done.step, "stopped_by": done.stopped_by, "run_dir": str(self.run_dir)}
 
@@ -344,7 +361,10 @@ class Session:
         self.close()
 
     def close(self) -> None:
-        """End the trackers and release the run directory (safe to call twice)."""
+        """End the trackers, restore the signal handlers and release the run directory (safe to call twice)."""
+        if self.stop is not None:
+            self.stop.restore()
+            self.stop = None
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None

@@ -10,7 +10,9 @@ rank of a job, but not at the same instant, hence the agreement at every step (t
 
 from __future__ import annotations
 
+import contextlib
 import signal
+from collections.abc import Callable, Iterator
 from types import FrameType
 
 import torch
@@ -57,4 +59,24 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-__all__ = ["StopFlag", "StopRequested", "STOP_SIGNALS"]
+@contextlib.contextmanager
+def signals_deferred(say: Callable[[str], None]) -> Iterator[list[str]]:
+    """Stop signals that arrive inside are remembered, not acted on: the final export (seconds) finishes and the run
+    ends normally, saying so, instead of dying half-way through writing its weights."""
+    got: list[str] = []
+
+    def remember(signum: int, frame: FrameType | None) -> None:
+        got.append(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, remember) for sig in STOP_SIGNALS}
+    try:
+        yield got
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if got:
+            say(f"note: {got[0]} arrived during the final export; the export was finished first and the run is "
+                f"complete")
+
+
+__all__ = ["StopFlag", "StopRequested", "STOP_SIGNALS", "signals_deferred"]

@@ -173,18 +173,23 @@ def to_hf_state_dict(sd: dict, spelling: str = "v4") -> dict[str, torch.Tensor]:
     return official_to_hf(to_official(sd), spelling)
 
 
+def save_weights(sd: dict, path, metadata: dict | None = None) -> Path:
+    """Write a state dict as safetensors, atomically (a temporary file beside it, then renamed): a kill while writing
+    leaves the previous file or none, never a partial one under the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in sd.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
 def save_encoder(sd: dict, path, encoder_cfg: dict | None = None) -> Path:
     """Write encoder-only weights under timm key names as safetensors (encoder_cfg goes into the metadata)."""
-    enc = {k: v.detach().to("cpu").contiguous() for k, v in to_encoder_state_dict(sd).items()}
     meta = {"format": "pt", "layout": "timm-vit-encoder"}
     if encoder_cfg is not None:
         meta["encoder_cfg"] = json.dumps(encoder_cfg)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(enc, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return path
+    return save_weights(to_encoder_state_dict(sd), path, meta)
 
 
 def load_mae_weights(model, sd: dict, require_decoder: bool = False) -> dict:

@@ -26,7 +26,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from core.errors import ConfigError
 from data.device_dataset import build_device_loader
@@ -38,6 +37,7 @@ from data.synthetic import SyntheticLoader
 from data.train_stream import build_train_loader
 from data.transforms import eval_transform, pretrain_transform, uint8_output
 from launch import run_files
+from launch.batch_memory import check_micro_batch
 from launch.checkpoint import export_state_dict, frozen_parameters, model_fingerprint
 from launch.config import parse_cli
 from launch.corrupt_count import CorruptCount
@@ -46,9 +46,10 @@ from launch.knn_monitor import build_knn_monitor, neighbour_split
 from launch.loop import Hook, TrainLoop
 from launch.param_groups import build_adamw, param_groups
 from launch.session import Runtime, Session, start_run
+from launch.signals import signals_deferred
 from launch.warm_start import set_layer_norm_eps, warm_start
 from models.compile import compile_blocks, compile_enabled
-from models.convert import save_encoder, to_encoder_state_dict
+from models.convert import save_encoder, save_weights, to_encoder_state_dict
 from models.data2vec import EmaTeacher
 from models.masking import sample_noise
 from models.objectives import create_pretrainer, predicts_pixels, pretrain_flops_per_image
@@ -97,6 +98,10 @@ def with_dataset_defaults(cfg: PretrainConfig, say: bool = True) -> PretrainConf
         raise ConfigError(f"data.train: {exc}") from None
     m, d = cfg.model.resolved(), cfg.data
     chans = int(m.in_chans or m.overrides.get("in_chans") or meta.get("channels") or 3)
+    if meta.get("channels") and int(meta["channels"]) != chans:
+        raise ConfigError(f"model.in_chans={chans} but the images of data.train={cfg.data.train} have "
+                          f"{meta['channels']} channels (its dataset.json); leave model.in_chans unset to follow the "
+                          f"data, or give data of {chans} channels")
     mean, std, source = norm_stats(d.mean, d.std, meta, chans)
     for key, values in (("data.mean", mean), ("data.std", std)):
         if len(values) != chans:
@@ -135,6 +140,11 @@ def build_loader(cfg: PretrainConfig, rt: Runtime, info, raw):
     uint8 (`device`, CIFAR-scale data; crop and flip on the device), or random images (`synthetic`, no I/O). The
     stream and the device loader carry each sample's masking noise (`mask_noise_fn`)."""
     d = cfg.data
+    uint8 = uint8_output(info.meta, cfg.model.in_chans) == "uint8" or d.loader != "stream"
+    check_micro_batch(rt.micro_batch, info.num_samples if d.loader != "synthetic" else None,
+                      (cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size),
+                      d.num_workers if d.loader == "stream" else 0, world_size=rt.world,
+                      dtype="uint8" if uint8 else "float32")
     if d.loader == "synthetic":
         return SyntheticLoader(batch_size=rt.micro_batch, channels=cfg.model.in_chans, img_size=cfg.model.img_size,
                                num_classes=info.num_classes or 10, seed=cfg.run.seed, rank=rt.rank,
@@ -296,13 +306,19 @@ def train(cfg: PretrainConfig) -> dict:
 def export(cfg: PretrainConfig, rt: Runtime, session: Session, model, raw, result, frozen, teacher,
            vis_images) -> dict:
     """The run's weights (full model, encoder under timm names, data2vec's teacher) and the final reconstruction
-    grid, from the fp32 weights of the last checkpoint; the run record's end."""
+    grid, from the fp32 weights of the last checkpoint; the run record's end. A stop signal meanwhile waits for the
+    export (seconds); every file is written atomically, and a re-run after a kill writes them again."""
+    with signals_deferred(rt.say):
+        return _export(cfg, rt, session, model, raw, result, frozen, teacher, vis_images)
+
+
+def _export(cfg, rt: Runtime, session: Session, model, raw, result, frozen, teacher, vis_images) -> dict:
     final = export_state_dict(rt.accelerator, model, result.checkpoint, frozen=frozen)
     run_dir = session.run_dir
     out = {"step": result.step, "loss": result.loss, "run_dir": str(run_dir), "stopped_by": None}
     if rt.is_main:
         weights = run_dir / run_files.PRETRAINER[cfg.model.objective]
-        save_file(final, str(weights))
+        save_weights(final, weights)
         enc_cfg = raw.encoder_cfg  # in the metadata: the head count is not visible in the shapes
         save_encoder(to_encoder_state_dict(final), run_dir / run_files.ENCODER, encoder_cfg=enc_cfg)
         if teacher is not None:

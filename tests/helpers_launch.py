@@ -131,6 +131,11 @@ def read_metrics(run_dir) -> list[dict]:
     return read_metrics_file(Path(run_dir) / "metrics.jsonl")
 
 
+def run_record(run_dir) -> dict:
+    """RUN_DIR/run.json: what the run says about itself (world size, engine, precision, batch arithmetic, ...)."""
+    return json.loads((Path(run_dir) / "run.json").read_text())
+
+
 def wait_for_step(proc: subprocess.Popen, step: int) -> int:
     """Read the run's plain log lines (`step N/M loss ...`, printed with run.progress=false) from `proc.stdout`
     until one reports `step >= step`; returns that step. Blocks on the pipe, no polling."""

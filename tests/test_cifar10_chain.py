@@ -1,6 +1,8 @@
-"""Tests of recipes/cifar10/chain.py and its modules (stages, shards, record, results_doc, loss_plot): stage running
-and reuse, data helpers, the stage wiring (with the entry points replaced by a stub), the results document rendered
-from its template, the loss-curve chart, and the micro budget run end to end as a user runs it."""
+"""Tests of the CIFAR-10 chain (recipes/cifar10/chain.py, shards.py, chain_report.py) and the recipe plumbing it
+stands on (recipes/stages.py, record.py, page.py, loss_plot.py): stage running and reuse, commands written
+without the machine's folders, the page's marked blocks, data helpers, the stage wiring (with the entry points
+replaced by a stub that writes what they write), the results page rendered from the stored records, the loss-curve
+chart, and the micro budget run end to end as a user runs it."""
 
 from __future__ import annotations
 
@@ -11,16 +13,21 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from recipes.cifar10 import chain as chain_mod
-from recipes.cifar10.loss_plot import draw_loss_curve, loss_figure, moving_average
-from recipes.cifar10.results_doc import write_results_md
-from recipes.cifar10.shards import TARBALL_ENV, class_subset, default_tarball, ensure_cifar
-from recipes.cifar10.stages import REPO, ChainError, ChainInputError, run_stage, shell_join
+from recipes.cifar10 import objectives as study_mod
+from recipes.cifar10 import options
+from recipes.cifar10 import shards as shards_mod
+from recipes.cifar10.shards import TARBALL_ENV, class_subset, ensure_cifar
+from recipes.loss_plot import draw_loss_curve, loss_figure, moving_average
+from recipes.page import write_blocks
+from recipes.stages import REPO, InputError, StageError, public, run_stage, shell_join
 
 # ------------------------------------------------------------------------------------------------- loss curve
 
@@ -67,7 +74,7 @@ def test_run_stage_records_reuses_and_fails(tmp_path):
     cmd = [sys.executable, "-c", f"open({str(done)!r}, 'w').write('x'); print('hello')"]
     rec = run_stage("demo", cmd, tmp_path / "demo", {}, done)
     assert rec["returncode"] == 0 and not rec["reused"]
-    assert "hello" in (tmp_path / "demo" / "chain_stage.log").read_text()
+    assert "hello" in (tmp_path / "demo" / "stage.log").read_text()
     again = run_stage("demo", cmd, tmp_path / "demo", {}, done)
     assert again["reused"]
     # a different command is not reused, and starts from an emptied stage folder
@@ -80,14 +87,46 @@ def test_run_stage_records_reuses_and_fails(tmp_path):
     assert not run_stage("demo", cmd2, tmp_path / "demo", {}, done, reuse=False)["reused"]
     assert not (tmp_path / "demo" / "stale_checkpoint").exists()
     # an interrupted stage (started, no exit code) keeps its folder, so the entry point can resume
-    (tmp_path / "demo" / "chain_stage.json").write_text(json.dumps({"command": shell_join(cmd2), "returncode": None}))
+    (tmp_path / "demo" / "stage.json").write_text(json.dumps({"command": shell_join(cmd2), "returncode": None}))
     (tmp_path / "demo" / "checkpoint").write_text("resume me")
     assert not run_stage("demo", cmd2, tmp_path / "demo", {}, done)["reused"]
     assert (tmp_path / "demo" / "checkpoint").is_file()
-    with pytest.raises(ChainError, match=r"stage 'bad' failed with exit code 3"):
+    with pytest.raises(StageError, match=r"stage 'bad' failed with exit code 3"):
         run_stage("bad", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], tmp_path / "bad", {}, None)
-    with pytest.raises(ChainError, match="did not write"):
+    with pytest.raises(StageError, match="did not write"):
         run_stage("lazy", [sys.executable, "-c", "pass"], tmp_path / "lazy", {}, tmp_path / "never.txt")
+
+
+def test_recorded_commands_name_no_folder_of_the_machine(tmp_path):
+    work, cifar = tmp_path / "w", tmp_path / "c"
+    cmd = shell_join([sys.executable, "pretrain/mae.py", f"data.train={work}/shards", f"run.output_dir={work}/pre",
+                      f"--input={cifar}/train", f"vis.images={REPO}/data/sample:test"])
+    assert public(cmd, {"WORK": work, "CIFAR_DIR": cifar}) == ("python pretrain/mae.py data.train=WORK/shards "
+                                                               "run.output_dir=WORK/pre --input=CIFAR_DIR/train "
+                                                               "vis.images=data/sample:test")
+    args = SimpleNamespace(argv=["--budget", "cpu", "--work", str(work), f"--cifar-dir={cifar}", "--threads", "2"],
+                           work=str(work), cifar_dir=str(cifar), docs=str(REPO / "docs"), tarball=None)
+    header = options.header("recipes/cifar10/chain.py", args, {"OMP_NUM_THREADS": "2"}, "then", 0.0, name="x")
+    assert header["command"] == "python recipes/cifar10/chain.py --budget cpu --work WORK --cifar-dir=CIFAR_DIR " \
+                                "--threads 2"
+    assert header["name"] == "x" and header["threads"] == "2" and header["started"] == "then"
+
+
+def test_page_blocks_are_replaced_in_place_appended_when_new_and_prose_kept(tmp_path):
+    page = tmp_path / "PAGE.md"
+    page.write_text("# Title\n\nHand-written prose.\n<!-- tessera:begin a -->\nold a\n<!-- tessera:end a -->\n\n"
+                    "More prose.\n")
+    write_blocks(page, {"a": "new a\nsecond line", "b": "| b |"})
+    assert page.read_text() == ("# Title\n\nHand-written prose.\n<!-- tessera:begin a -->\nnew a\nsecond line\n"
+                                "<!-- tessera:end a -->\n\nMore prose.\n\n<!-- tessera:begin b -->\n| b |\n"
+                                "<!-- tessera:end b -->\n")
+    write_blocks(page, {"b": "| b2 |"})  # the appended block now updates in place
+    assert page.read_text().endswith("More prose.\n\n<!-- tessera:begin b -->\n| b2 |\n<!-- tessera:end b -->\n")
+    page.write_text("<!-- tessera:begin a -->\nno end\n")
+    with pytest.raises(ValueError, match="without its"):
+        write_blocks(page, {"a": "x"})
+    assert write_blocks(tmp_path / "new" / "P.md", {"c": "c"}).read_text() == ("<!-- tessera:begin c -->\nc\n"
+                                                                               "<!-- tessera:end c -->\n")
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -106,7 +145,7 @@ def test_class_subset_links_first_images(tmp_path):
     names = sorted(str(p.relative_to(out)) for p in out.rglob("*.jpg"))
     assert names == ["a/0000.jpg", "a/0001.jpg", "b/0000.jpg", "b/0001.jpg"]
     assert all(p.is_symlink() for p in out.rglob("*.jpg"))
-    with pytest.raises(ChainError, match="fewer than the 5"):
+    with pytest.raises(InputError, match="fewer than the 5"):
         class_subset(tmp_path / "train", tmp_path / "sub2", 5)
 
 
@@ -121,23 +160,35 @@ def test_ensure_cifar_unpacks_once(tmp_path):
     dest = ensure_cifar(tarball, tmp_path / "cifar")
     assert (dest / "train" / "a" / "0000.jpg").is_file()
     assert ensure_cifar(tmp_path / "missing.tar.gz", dest) == dest  # already there: the tarball is not needed
-    with pytest.raises(ChainInputError, match=rf"tarball not found.*--tarball PATH or set {TARBALL_ENV}"):
+    with pytest.raises(InputError, match=rf"tarball not found.*--tarball PATH or set {TARBALL_ENV}"):
         ensure_cifar(tmp_path / "missing.tar.gz", tmp_path / "elsewhere")
     bad = tmp_path / "bad.tar.gz"
     with tarfile.open(bad, "w:gz") as tar:
         tar.add(src / "train", arcname="train")
-    with pytest.raises(ChainInputError, match="does not hold train/ and test/"):
+    with pytest.raises(InputError, match="does not hold train/ and test/"):
         ensure_cifar(bad, tmp_path / "cifar_bad")
 
 
-def test_tarball_comes_from_the_environment_else_beside_the_checkout(monkeypatch):
-    monkeypatch.setenv(TARBALL_ENV, "/data/c10.tar.gz")
-    assert default_tarball() == Path("/data/c10.tar.gz")
-    monkeypatch.delenv(TARBALL_ENV)
-    assert default_tarball() == REPO.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
+def test_tarball_comes_from_the_environment_when_not_given(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    _tiny_tree(src / "train")
+    _tiny_tree(src / "test")
+    with tarfile.open(tmp_path / "c.tar.gz", "w:gz") as tar:
+        tar.add(src, arcname=".")
+    monkeypatch.setenv(TARBALL_ENV, str(tmp_path / "c.tar.gz"))
+
+    def stop(name, *args, **kwargs):
+        raise StageError(f"stopped before {name}")
+
+    monkeypatch.setattr(shards_mod, "run_stage", stop)  # no shards from these fake JPEGs: the unpack is what counts
+    with pytest.raises(SystemExit, match="stopped before shards:train"):
+        chain_mod.main(["--budget", "cpu", "--work", str(tmp_path / "work"), "--docs", str(tmp_path / "docs"),
+                        "--cifar-dir", str(tmp_path / "cifar")])
+    assert (tmp_path / "cifar" / "train" / "a" / "0000.jpg").is_file()
 
 
-def test_missing_tarball_is_one_line_naming_what_to_pass(tmp_path, capsys):
+def test_missing_tarball_is_one_line_naming_what_to_pass(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(TARBALL_ENV, raising=False)
     with pytest.raises(SystemExit) as exit_info:
         chain_mod.main(["--budget", "cpu", "--work", str(tmp_path / "work"), "--docs", str(tmp_path / "docs"),
                         "--tarball", str(tmp_path / "nope.tar.gz"), "--cifar-dir", str(tmp_path / "cifar")])
@@ -149,23 +200,30 @@ def test_missing_tarball_is_one_line_naming_what_to_pass(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------------- wiring + document
 
+PROVENANCE = {"git": {"commit": "abcdef0123456789", "dirty": True}, "packages": {"torch": "9.9", "timm": "8.8"},
+              "hardware": {"host": "secret-host", "cpu": "Test CPU", "cpu_cores": 3, "memory_gb": 7.5, "gpus": []}}
+ACCURACY = {"probe_mae": 45.5, "probe_random": 40.25, "finetune_mae": 50.0, "finetune_scratch": 41.0}
+
 
 def _fake_run_stage(calls):
-    """Stands in for the entry points: writes the files each one would write, with made-up accuracies."""
-    acc = {"probe_mae": 45.5, "probe_random": 40.25, "finetune_mae": 50.0, "finetune_scratch": 41.0}
+    """Stands in for the entry points: writes the files each one writes (run.json, config.yaml, metrics.jsonl,
+    eval.json), with made-up numbers."""
 
     def fake(name, cmd, stage_dir, env, done_file, reuse=True):
         calls.append((name, cmd))
         stage_dir.mkdir(parents=True, exist_ok=True)
+        (stage_dir / "run.json").write_text(json.dumps({**PROVENANCE, "status": "finished", "global_batch": 32,
+                                                        "command": ["/machine/python", *cmd[1:]]}))
         if name == "pretrain":
             (stage_dir / "encoder.safetensors").write_bytes(b"")
-            (stage_dir / "config.yaml").write_text(
-                "model: {name: mae_vit_tiny_patch4_dec128d2b, mask_ratio: 0.75}\ndata: {batch_size: 32}\n")
+            (stage_dir / "config.yaml").write_text(yaml.safe_dump(
+                {"model": {"name": "mae_vit_tiny_patch4_dec128d2b", "mask_ratio": 0.75, "norm_pix_loss": True,
+                           "pool": "token"}}))
             rows = [{"step": s, "loss": 1.0 / s, "images_per_sec": 10.0 * s, "epoch": s / 10} for s in (1, 2, 3)]
             (stage_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         else:
             (stage_dir / "eval.json").write_text(json.dumps(
-                {"top1": acc[name], "top5": 90.0, "n_images": 1000, "steps": 10, "global_batch": 32}))
+                {"top1": ACCURACY[name], "top5": 90.0, "n_images": 1000, "steps": 10, "global_batch": 32}))
         return {"stage": name, "command": shell_join(cmd), "seconds": 1.5, "returncode": 0,
                 "reused": name == "probe_random"}
 
@@ -175,57 +233,71 @@ def _fake_run_stage(calls):
 def test_chain_wiring_and_results(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(chain_mod, "run_stage", _fake_run_stage(calls))
-    docs = tmp_path / "docs"
-    result = chain_mod.main(["--budget", "micro", "--work", str(tmp_path / "work"), "--docs", str(docs),
-                             "--finetune-arg", "run.steps=3", "--threads", "3"])
-    names = [n for n, _ in calls]
-    assert names == ["pretrain", "probe_mae", "probe_random", "finetune_mae", "finetune_scratch"]
+    docs, work = tmp_path / "docs", tmp_path / "work"
+    record = chain_mod.main(["--budget", "micro", "--work", str(work), "--docs", str(docs), "--finetune-arg",
+                             "run.steps=3", "--threads", "3"])
+    assert [n for n, _ in calls] == ["pretrain", "probe_mae", "probe_random", "finetune_mae", "finetune_scratch"]
     cmds = {n: c for n, c in calls}
-    variant = chain_mod.BUDGETS["micro"].variant
-    encoder = str(tmp_path / "work" / "pretrain" / "encoder.safetensors")
-    assert f"encoder={encoder}" in cmds["probe_mae"] and f"encoder={encoder}" in cmds["finetune_mae"]
+    variant, sample = chain_mod.BUDGETS["micro"][0], REPO / "data" / "sample"
+    encoder = f"encoder={work / 'pretrain' / 'encoder.safetensors'}"
+    assert cmds["pretrain"][1:4] == ["pretrain/mae.py", "pretrain/configs/cifar10_micro.yaml", f"data.train={sample}"]
+    assert encoder in cmds["probe_mae"] and encoder in cmds["finetune_mae"]
     for key in ("probe_random", "finetune_scratch"):
         assert "encoder=random" in cmds[key] and f"arch={variant}" in cmds[key]
+    assert f"data.train={sample}:train" in cmds["probe_mae"] and f"data.train={sample}" in cmds["finetune_mae"]
     assert cmds["finetune_mae"][1] == "finetune/classify.py" and cmds["probe_mae"][1] == "finetune/linprobe.py"
     assert "run.steps=3" in cmds["finetune_mae"] and "run.steps=3" in cmds["finetune_scratch"]
     assert "run.steps=3" not in cmds["probe_mae"]
     # both sides of each comparison get the same config file
     assert cmds["finetune_mae"][2] == cmds["finetune_scratch"][2] == "finetune/configs/cifar10_finetune_micro.yaml"
 
-    assert result["command"].startswith("python recipes/cifar10/chain.py --budget micro")
-    assert result["gaps"]["probe_top1_mae_minus_random"] == pytest.approx(5.25)
-    assert result["gaps"]["finetune_top1_mae_minus_scratch"] == pytest.approx(9.0)
-    assert result["pretrain"]["loss_curve"] == [[1, 1.0], [2, 0.5], [3, pytest.approx(1 / 3, abs=1e-5)]]
-    assert result["pretrain"]["median_images_per_sec"] == 20.0
-    assert result["hardware"]["threads"] == "3"  # what the stages got, not the parent's environment
     saved = json.loads((docs / "results" / "cifar10_micro.json").read_text())
-    assert saved["pretrain"]["loss_curve"] == result["pretrain"]["loss_curve"]  # the compact curve reads back
-    assert saved["runs"]["probe_mae"]["top1"] == 45.5
+    assert saved == json.loads(json.dumps(record))  # the compact loss curve reads back
+    assert saved["command"] == "python recipes/cifar10/chain.py --budget micro --work WORK --docs DOCS " \
+                               "--finetune-arg run.steps=3 --threads 3"
+    assert saved["threads"] == "3"  # what the stages got, not the parent's environment
+    # provenance from the pretraining's run.json, without the host name; commands without the machine's folders
+    assert saved["provenance"]["git"] == PROVENANCE["git"] and "host" not in saved["provenance"]["hardware"]
+    pretrain = saved["stages"][0]
+    assert pretrain["command"].startswith("python pretrain/mae.py pretrain/configs/cifar10_micro.yaml "
+                                          "data.train=data/sample run.output_dir=WORK/pretrain")
+    assert pretrain["metrics"]["loss_curve"] == [[1, 1.0], [2, 0.5], [3, pytest.approx(1 / 3, abs=1e-5)]]
+    assert pretrain["metrics"]["images_per_sec"] == 20.0 and pretrain["model"]["name"] == variant
+    assert saved["stages"][1]["eval"]["top1"] == 45.5
+    assert str(tmp_path) not in json.dumps(saved)
     with Image.open(docs / "results" / "cifar10_micro_pretrain_loss.png") as img:
         assert img.size == (900, 540)
+
     md = (docs / "RESULTS.md").read_text()
+    assert md.startswith("<!-- tessera:begin cifar10_micro -->\n## Budget `micro`: smoke test")
+    assert "commit `abcdef0` (plus changes not yet committed).\nMachine: Test CPU, 3 cores, 7.5 GB memory, " \
+           "no GPU;" in md
+    assert "OMP_NUM_THREADS=3;\nPython 3." in md and "torch 9.9, timm 8.8." in md
     assert "| linear probe, MAE encoder | 45.50 | 90.00 | 1,000 | 10 x 32 | 2 s |" in md
     assert "| fine-tune from scratch (random init) | 41.00 |" in md
     assert "**5.25 points**" in md and "**9.00 points**" in md
+    assert "3 steps of 32 images\n(0.30 epochs), loss 1.0000 at the first logged step -> 0.3333 at the" in md
     assert "| probe_random | 2 s (reused) |" in md and "**Stages probe_random were reused" in md
-    assert "![pretraining loss](results/cifar10_micro_pretrain_loss.png)" in md
-    assert "UNMEASURED" in md and "$" not in md  # no gpu result yet; every placeholder filled
-
-    # a gpu result replaces the 'unmeasured' section and is listed first
-    gpu = dict(saved, budget="gpu", summary="gpu run")
-    (docs / "results" / "cifar10_gpu.json").write_text(json.dumps(gpu))
-    md = write_results_md(docs).read_text()
-    assert "UNMEASURED" not in md
-    assert md.index("## Budget `gpu`") < md.index("## Budget `micro`")
+    assert "![pretraining loss](results/cifar10_micro_pretrain_loss.png)" in md and "{" not in md
 
 
-def test_results_md_is_the_template_rendering_of_the_stored_results(tmp_path):
-    """docs/RESULTS.md is exactly what the template makes of docs/results/*.json (the chain writes both)."""
+def test_results_page_is_what_the_writers_render_from_the_stored_records(tmp_path):
+    """docs/RESULTS.md's generated blocks are exactly what the two report writers make of docs/results/*.json (through
+    the recipes' --render-only), and the prose around them stays as written."""
     (tmp_path / "results").mkdir()
-    for pattern in ("cifar10_*.json", "*.md"):  # the chain's JSON, and the studies it appends as written
-        for f in (REPO / "docs" / "results").glob(pattern):
-            shutil.copy(f, tmp_path / "results" / f.name)
-    assert write_results_md(tmp_path).read_text() == (REPO / "docs" / "RESULTS.md").read_text()
+    shutil.copy(REPO / "docs" / "RESULTS.md", tmp_path / "RESULTS.md")
+    for f in (REPO / "docs" / "results").glob("*.json"):
+        shutil.copy(f, tmp_path / "results" / f.name)
+    assert chain_mod.main(["--render-only", "--docs", str(tmp_path)]) is None  # as documented, pictures redrawn
+    assert study_mod.main(["--render-only", "--docs", str(tmp_path)]) is None
+    stored = (REPO / "docs" / "RESULTS.md").read_text()
+    assert (tmp_path / "RESULTS.md").read_text() == stored
+    for picture in ("cifar10_cpu_pretrain_loss.png", "objectives_cpu.png"):
+        with Image.open(tmp_path / "results" / picture) as img, Image.open(REPO / "docs" / "results" / picture) as ref:
+            assert img.size == ref.size
+    assert "1,800 steps of 64 images\n(2.30 epochs)" in stored  # the pretraining's global batch, from its record
+    for folder in ("/tmp/", "/work/", "../shared"):
+        assert folder not in stored
 
 
 def test_fresh_refuses_foreign_folder(tmp_path, capsys):
@@ -234,7 +306,7 @@ def test_fresh_refuses_foreign_folder(tmp_path, capsys):
     (foreign / "keep.txt").write_text("x")
     with pytest.raises(SystemExit) as exit_info:
         chain_mod.main(["--budget", "micro", "--work", str(foreign), "--docs", str(tmp_path / "docs"), "--fresh"])
-    assert exit_info.value.code == 2 and "did not create" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "no recipe created" in capsys.readouterr().err
     assert (foreign / "keep.txt").is_file()
 
 
@@ -243,25 +315,29 @@ def test_fresh_refuses_foreign_folder(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_micro_budget_end_to_end(tmp_path):
-    """The documented command with size overrides only: every entry point really runs (2 steps each)."""
+    """The documented command with size overrides only: every entry point really runs (2 steps each), the record is
+    read from the runs' own files, and the same command again reuses every stage."""
     cmd = [sys.executable, "recipes/cifar10/chain.py", "--budget", "micro", "--work", str(tmp_path / "work"),
            "--docs", str(tmp_path / "docs"), "--threads", "1", "--pretrain-arg", "run.steps=2",
            "--probe-arg", "run.steps=2", "--finetune-arg", "run.steps=2"]
     env = dict(os.environ, PYTHONPATH=str(REPO))  # the checkout importable, as for the other subprocess tests
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads((tmp_path / "docs" / "results" / "cifar10_micro.json").read_text())
-    assert [s["stage"] for s in result["stages"]] == ["pretrain", "probe_mae", "probe_random", "finetune_mae",
-                                                      "finetune_scratch"]
-    assert result["pretrain"]["steps"] == 2 and len(result["pretrain"]["loss_curve"]) == 2
-    for run in result["runs"].values():
-        assert 0.0 <= run["top1"] <= 100.0 and run["n_images"] == 1000  # the whole sample test split, once
+    record = json.loads((tmp_path / "docs" / "results" / "cifar10_micro.json").read_text())
+    stages = {s["stage"]: s for s in record["stages"]}
+    assert list(stages) == ["pretrain", "probe_mae", "probe_random", "finetune_mae", "finetune_scratch"]
+    pretrain = stages["pretrain"]
+    assert pretrain["run"]["status"] == "finished" and pretrain["run"]["global_batch"] == 32  # cifar10_micro.yaml
+    assert pretrain["metrics"]["steps"] == 2 and len(pretrain["metrics"]["loss_curve"]) == 2
+    assert len(record["provenance"]["git"]["commit"]) == 40 and record["provenance"]["packages"]["torch"]
+    for key in ("probe_mae", "probe_random", "finetune_mae", "finetune_scratch"):
+        assert 0.0 <= stages[key]["eval"]["top1"] <= 100.0 and stages[key]["eval"]["n_images"] == 1000  # all of test
     md = (tmp_path / "docs" / "RESULTS.md").read_text()
-    assert "## Budget `micro`" in md
-    assert f"| linear probe, MAE encoder | {result['runs']['probe_mae']['top1']:.2f} |" in md
+    assert "## Budget `micro`" in md and "2 steps of 32 images" in md
+    assert f"| linear probe, MAE encoder | {stages['probe_mae']['eval']['top1']:.2f} |" in md
     assert (tmp_path / "docs" / "results" / "cifar10_micro_pretrain_loss.png").is_file()
-    # the same command again reuses every stage
+    assert str(tmp_path) not in md
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    result = json.loads((tmp_path / "docs" / "results" / "cifar10_micro.json").read_text())
-    assert all(s["reused"] for s in result["stages"])
+    record = json.loads((tmp_path / "docs" / "results" / "cifar10_micro.json").read_text())
+    assert all(s["reused"] for s in record["stages"])

@@ -95,7 +95,8 @@ def test_finetune_resume_is_exact(tiny):
 @pytest.mark.slow
 def test_two_processes_finetune_counts_every_image_once(tiny, tmp_path):
     run = tmp_path / "ft2"
-    ev_args = [f"checkpoint={run}", f"data={tiny['data']}:test", "num_workers=0", "batch_size=3", "progress=false",
+    ev_args = [f"checkpoint={run}", f"data.test={tiny['data']}:test", "data.num_workers=0", "data.eval_batch=3",
+               "run.progress=false",
                f"output={tmp_path / 'ev2.json'}"]
     script = ("from finetune.classify import main\nfrom finetune.evaluate import main as evaluate\n"
               f"main({_args(tiny, run, 'run.steps=2', 'run.eval_every=1')!r})\nevaluate({ev_args!r})\n")

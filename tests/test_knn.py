@@ -133,7 +133,7 @@ def test_monitor_on_two_ranks_counts_every_image_once(tiny_data, tmp_path):
 def test_monitor_is_off_without_labels(tiny_data, tmp_path, capsys):
     from pretrain import mae
 
-    mae.main(knn_args(tmp_path, f"{tiny_data}:nolabels", steps=1))
+    mae.main([*knn_args(tmp_path, f"{tiny_data}:nolabels", steps=1), "data.micro_batch=4"])
     out = capsys.readouterr().out
     assert "knn: off (bank split" in out and "has no labels" in out
     assert not any("knn_top1" in r for r in read_metrics(tmp_path / "metrics.jsonl"))

@@ -34,6 +34,7 @@ from helpers_launch import (
     kill_group,
     pretrain_reference,
     read_until_step,
+    run_record,
     signal_group_at_step,
     start,
 )
@@ -253,8 +254,8 @@ def test_one_process_bf16(tmp_path):
     cmd, extra = argv(command, program_sizes=sizes(tmp_path / "run"))
     cmd.remove("run.precision=bf16")
     cmd.append("run.precision=bf16")  # after the sizes, as written (the sizes do not set the precision anyway)
-    out = run_ok(cmd, extra)
-    assert "precision bf16" in out
+    run_ok(cmd, extra)
+    assert run_record(tmp_path / "run")["precision"] == "bf16"
     finished(tmp_path / "run", 3)
 
 
@@ -272,7 +273,7 @@ def test_gpu1_simple_launcher(tmp_path):
     proc = start(cmd, **extra)
     try:
         seen, lines = read_until_step(proc, 2)
-        assert any("precision bf16" in line for line in lines)  # the yaml's mixed_precision reached the trainer
+        assert run_record(run_dir)["precision"] == "bf16"  # the yaml's mixed_precision reached the trainer
         os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=60) != 0  # the launcher ended (its exact status depends on the Accelerate version)
         rest, _ = proc.communicate(timeout=120)  # the trainer goes on (it holds the pipe) until its checkpoint
@@ -300,15 +301,14 @@ def test_accelerate_yaml(tmp_path, name):
         cmd = from_elsewhere(cmd)
         assert str(ROOT / "launch" / "accelerate" / f"{name}.yaml") in cmd and ENTRY in cmd
         (tmp_path / "elsewhere").mkdir()
-    out = run_ok(cmd, extra, timeout=600, cwd=tmp_path / "elsewhere" if elsewhere else ROOT)
+    run_ok(cmd, extra, timeout=600, cwd=tmp_path / "elsewhere" if elsewhere else ROOT)
+    rec = run_record(tmp_path / "run")
     kind = "DEEPSPEED" if name.startswith("zero") else "FSDP" if name == "fsdp2" else "MULTI_CPU"
-    assert f"{kind}, world size 2" in out and "precision bf16" in out, out[-3000:]
-    if name.startswith("zero"):
-        assert f"DeepSpeed ZeRO stage {name[-1]}" in out
+    assert (rec["distributed_type"], rec["world_size"], rec["precision"]) == (kind, 2, "bf16"), rec
+    assert rec["zero_stage"] == (int(name[-1]) if name.startswith("zero") else None)
     if name == "fsdp2":  # one shard unit per transformer Block; bf16 compute, gradients reduced in fp32
-        fsdp = json.loads((tmp_path / "run" / "run.json").read_text())["fsdp"]
-        assert {"encoder.blocks.0", "decoder_blocks.0"} <= set(fsdp["units"]), fsdp
-        assert (fsdp["param_dtype"], fsdp["reduce_dtype"]) == ("bfloat16", "float32"), fsdp
+        assert {"encoder.blocks.0", "decoder_blocks.0"} <= set(rec["fsdp"]["units"]), rec["fsdp"]
+        assert (rec["fsdp"]["param_dtype"], rec["fsdp"]["reduce_dtype"]) == ("bfloat16", "float32"), rec["fsdp"]
     finished(tmp_path / "run", 3)
 
 
@@ -341,8 +341,9 @@ def test_multinode(tmp_path):
                           port=port)
         procs.append(start(cmd, **extra))
     assert len(procs) == 2
-    outs = [finish(p, timeout=600) for p in procs]
-    assert any("world size 2" in out for out in outs)
+    for p in procs:
+        finish(p, timeout=600)
+    assert run_record(tmp_path / "run")["world_size"] == 2
     finished(tmp_path / "run", 3)
 
 
@@ -351,8 +352,9 @@ def test_torchrun_deepspeed(tmp_path):
     (command,) = documented(r"^ACCELERATE_USE_DEEPSPEED=true .* torchrun ")
     cmd, extra = argv(command.replace("--nproc_per_node 8", "--nproc_per_node 2"),
                       launcher_sizes=["--master_port", str(free_port())], program_sizes=sizes(tmp_path / "run"))
-    out = run_ok(cmd, extra, timeout=600)
-    assert "DEEPSPEED, world size 2" in out and "precision bf16" in out
+    run_ok(cmd, extra, timeout=600)
+    rec = run_record(tmp_path / "run")
+    assert (rec["distributed_type"], rec["world_size"], rec["precision"]) == ("DEEPSPEED", 2, "bf16"), rec
     finished(tmp_path / "run", 3)
 
 
@@ -382,7 +384,9 @@ def test_slurm_as_written(tmp_path):
     proc = start(cmd, **slurm)
     seen, out = signal_group_at_step(proc, 2, signal.SIGTERM, timeout=300)
     assert proc.returncode == 0, out[-5000:]
-    assert "MULTI_CPU, world size 2" in out and "precision bf16" in out and "stopped by SIGTERM" in out
+    rec = run_record(run_dir)
+    assert (rec["distributed_type"], rec["world_size"], rec["precision"]) == ("MULTI_CPU", 2, "bf16"), rec
+    assert rec["status"] == "stopped" and "stopped by SIGTERM" in out
     steps = checkpoint_steps(run_dir)
     assert len(steps) == 1 and seen <= steps[0] < 40
     assert requeues(tmp_path / "slurm") == []
@@ -450,7 +454,7 @@ def test_downstream(script):
 def test_evaluate(tmp_path):
     (command,) = documented(r"^python finetune/evaluate\.py ")
     classify = downstream_reference("classify.py")
-    cmd, extra = argv(command.replace("runs/finetune", str(classify)), program_sizes=["batch_size=100",
+    cmd, extra = argv(command.replace("runs/finetune", str(classify)), program_sizes=["data.eval_batch=100",
                                                                                       f"output={tmp_path / 'e.json'}"])
     run_ok(cmd, extra)
     result = json.loads((tmp_path / "e.json").read_text())
@@ -462,7 +466,7 @@ def test_visualize(tmp_path):
     (command,) = documented(r"^python pictures/visualize\.py ")
     pretrain = pretrain_reference(1)
     command = command.replace("runs/pretrain", str(pretrain)).replace("runs/pictures", str(tmp_path / "pics"))
-    run_ok(*argv(command, program_sizes=["num_images=2"]))
+    run_ok(*argv(command, program_sizes=["vis.num_images=2"]))
     assert (tmp_path / "pics" / "summary.json").is_file()
 
 

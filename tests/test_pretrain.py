@@ -38,7 +38,7 @@ def test_default_model_loss_falls_and_outputs_load(tmp_path):
     # the default model and data, shortened: 16 steps of 16 images
     args = [f"run.output_dir={tmp_path}", "run.steps=16", "data.micro_batch=16", "data.num_workers=0",
             "run.log_every=4", "run.save_every=0", "run.progress=false", "run.trackers=none", "optim.warmup_steps=4",
-            "vis.num_images=4", "knn.bank_size=100", "knn.query_size=50"]
+            "vis.num_images=4", "knn.bank_size=100", "knn.query_size=50", "run.eval_every=8"]
     pretrain_mae.main(args)
     losses = [r["loss"] for r in read_metrics(tmp_path)]
     assert len(losses) == 4

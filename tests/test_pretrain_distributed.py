@@ -20,6 +20,7 @@ from helpers_launch import (
     free_port,
     read_metrics,
     run,
+    run_record,
     tiny_args,
     wait_for_step,
 )
@@ -49,8 +50,9 @@ def assert_finished(run_dir, steps=STEPS):
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ddp")
-    proc = run(ddp_cmd(tiny_args(run_dir, *ACCUM, steps=STEPS), free_port()))
-    assert "MULTI_CPU, world size 2" in proc.stdout
+    run(ddp_cmd(tiny_args(run_dir, *ACCUM, steps=STEPS), free_port()))
+    rec = run_record(run_dir)
+    assert (rec["distributed_type"], rec["world_size"]) == ("MULTI_CPU", 2)
     return run_dir
 
 
@@ -63,9 +65,10 @@ def test_ddp_two_processes(ddp_run):
 
 def test_zero2_matches_ddp(ddp_run, tmp_path):
     run_dir = tmp_path / "run"
-    proc = run(deepspeed_cmd(tiny_args(run_dir, *ACCUM, steps=STEPS), free_port(), stage=2, fp32_dir=tmp_path))
-    assert "DEEPSPEED, world size 2" in proc.stdout and "ZeRO stage 2" in proc.stdout
-    assert "micro 4/process x 2 processes x 2 accumulation = global 16" in proc.stdout
+    run(deepspeed_cmd(tiny_args(run_dir, *ACCUM, steps=STEPS), free_port(), stage=2, fp32_dir=tmp_path))
+    rec = run_record(run_dir)
+    assert (rec["distributed_type"], rec["world_size"], rec["zero_stage"]) == ("DEEPSPEED", 2, 2)
+    assert (rec["micro_batch"], rec["grad_accum_steps"], rec["global_batch"]) == (4, 2, 16)
     enc = assert_finished(run_dir)
     ref = losses(ddp_run)
     got = losses(run_dir)
@@ -108,8 +111,9 @@ def test_sigkill_and_resume_is_bitwise_equal(tmp_path):
 
 def test_zero3_bf16_exports_full_precision_full_shape(tmp_path):
     args = [a if a != "run.precision=no" else "run.precision=auto" for a in tiny_args(tmp_path, steps=3)]
-    proc = run(deepspeed_cmd(args, free_port(), stage=3))  # zero3.yaml as written: bf16 in its DeepSpeed JSON
-    assert "precision bf16, DeepSpeed ZeRO stage 3" in proc.stdout
+    run(deepspeed_cmd(args, free_port(), stage=3))  # zero3.yaml as written: bf16 in its DeepSpeed JSON
+    rec = run_record(tmp_path)
+    assert (rec["precision"], rec["zero_stage"]) == ("bf16", 3)
     assert_finished(tmp_path, steps=3)
     from launch.config import load_config
     from pretrain.config import PretrainConfig

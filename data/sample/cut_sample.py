@@ -1,6 +1,6 @@
 """Cut the shipped sample dataset (data/sample/) out of the CIFAR-10 JPEG archive.
 
-    python data/sample/cut_sample.py [--archive /work/shared/datasets/cifar10-jpg.tar.gz] [--output data/sample]
+    python data/sample/cut_sample.py --archive CIFAR10_JPG_TARBALL [--output data/sample]
 
 Takes a class-balanced random subset (fixed seed) of the original JPEG files, without re-encoding them, and writes
 it with data/make_shards.py as gzip-compressed shards (a 32 px JPEG is ~0.9 KB, a tar member header 0.5 KB, so
@@ -19,8 +19,6 @@ from pathlib import Path
 
 from data.make_shards import write_shards
 
-# the CIFAR-10 JPEG tarball in the shared/ folder beside the checkout (override with --archive)
-ARCHIVE = str(Path(__file__).resolve().parents[3] / "shared" / "datasets" / "cifar10-jpg.tar.gz")
 HERE = Path(__file__).resolve().parent
 PLAN = {"train": (400, 4), "test": (100, 2)}  # split -> (images per class, shards)
 SIZE_LIMIT = 5_000_000
@@ -51,7 +49,7 @@ def cut(archive: str, output: Path, seed: int = 0) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--archive", default=ARCHIVE, help=f"CIFAR-10 JPEG ImageFolder archive (default: {ARCHIVE})")
+    p.add_argument("--archive", required=True, help="the CIFAR-10 JPEG ImageFolder archive (cifar10-jpg.tar.gz)")
     p.add_argument("--output", default=str(HERE), help="output folder (default: data/sample next to this script)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

@@ -1,57 +1,44 @@
 """The objectives and augmentation study at the CIFAR-10 CPU budget: every arm pretrains for the same wall-clock
-(--minutes, 10 by default: the chain's MAE pretraining, `pretrain/configs/cifar10_cpu.yaml`), then the k-NN
-monitor and the linear probe.
+(--minutes, the chain's MAE pretraining by default), then the k-NN monitor and the linear probe.
 
     python recipes/cifar10/objectives.py --threads 2          # ~1.5 h on a 2-core CPU
-    python recipes/cifar10/objectives.py --render-only        # rebuild the table and chart from the JSON
+    python recipes/cifar10/objectives.py --render-only        # rebuild the page's blocks and the chart from the JSON
 
-Arms: a random encoder (the init), MAE on normalised pixels (the chain's recipe as it is), MAE on HOG targets,
-SimMIM, data2vec, and two milder pretraining augmentations of MAE (crop scale 0.5-1, and no crop). Equal wall-clock:
-a calibration run of 40 steps per objective measures its images/s on this machine, and an objective gets the steps
-that take --minutes at that rate (the cosine schedule then spans them; warm-up stays the recipe's 40 steps). The
-augmentation arms cost what MAE costs per step and take MAE's step count.
-
-Each stage is the project's own entry point run as a subprocess (`pretrain/mae.py`, `finetune/linprobe.py`), with
-the chain's data (`recipes/cifar10/shards.py`: train 50,000, test 10,000, probe_train 1,000 per class). The k-NN
-monitor runs once, at the end of pretraining: bank probe_train, queries the whole test split, mean-pooled patch
-tokens (the probe's features). Results: docs/results/objectives_cpu.json, .md and .png, then docs/RESULTS.md.
-Finished stages with the same command are reused, so an interrupted study continues where it stopped.
+A 40-step calibration run per objective measures its images/s here, and it gets the steps that take --minutes at that
+rate (the augmentation arms take MAE's). The k-NN monitor runs once, at the end (bank probe_train, the whole test
+split, mean-pooled patch tokens). recipes/cifar10/objectives_report.py writes the record, the chart and the study's
+blocks of docs/RESULTS.md. Finished stages with the same command are reused.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import statistics
 import sys
-import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
-from launch.metrics import read_metrics
-from recipes.cifar10.chain import BUDGETS, prepare_work
-from recipes.cifar10.objectives_doc import write_study
-from recipes.cifar10.record import git_commit, hardware, read_yaml
-from recipes.cifar10.shards import default_tarball, prepare_data
-from recipes.cifar10.stages import REPO, ChainError, ChainInputError, now_iso, run_stage
+import yaml
+
+from launch import run_files
+from recipes.cifar10 import options
+from recipes.cifar10.chain import BUDGETS
+from recipes.cifar10.objectives_report import NAME, render, write_results
+from recipes.cifar10.shards import prepare_data
+from recipes.record import read_run
+from recipes.stages import REPO, StageError, run_stage
 
 PROG = "recipes/cifar10/objectives.py"
 CONFIG = "pretrain/configs/cifar10_cpu.yaml"  # every arm's recipe; arms differ only by their overrides
-# every arm starts from the ImageNet recipe's crop, stated here because the CPU recipe itself dropped it after this
-# study (pretrain/configs/cifar10_cpu.yaml says why); the augmentation arms override it
+# the ImageNet recipe's crop, which the CPU recipe dropped after this study (its yaml says why); some arms override it
 BASELINE_AUGMENT = ("data.augment=crop", "data.crop_scale=0.2,1.0", "data.hflip=0.5")
 CALIBRATION_STEPS, CALIBRATION_SKIP = 40, 10  # images/s: median over logged steps after the first 10 (warm-up)
 
 
-@dataclass(frozen=True)
-class Arm:
+class Arm(NamedTuple):
     name: str
     short: str  # in the finding's rankings
     label: str
     studies: tuple[str, ...]  # the tables it appears in: "objective", "augmentation"
-    overrides: tuple[str, ...]
+    overrides: tuple[str, ...]  # after the baseline augmentation, unless they switch augmentation off
     calibrate: bool = True  # False: costs what MAE costs per step, so it takes MAE's step count
 
 
@@ -72,124 +59,58 @@ ARMS = (
 )
 
 
-def median_images_per_sec(metrics: Path, skip: int = 0) -> float | None:
-    rates = [r["images_per_sec"] for r in read_metrics(metrics) if r.get("step", 0) > skip and "images_per_sec" in r]
-    return statistics.median(rates) if rates else None
+def augment(arm: Arm) -> tuple[str, ...]:
+    """The arm's overrides after the baseline augmentation, whose crop keys would not apply to data.augment=none."""
+    return (*(() if "data.augment=none" in arm.overrides else BASELINE_AUGMENT), *arm.overrides)
 
 
 def study(args) -> dict:
-    work = Path(args.work).resolve()
-    args.work = str(work)
-    prepare_work(work, args.fresh)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if args.threads:
-        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    threads = str(args.threads) if args.threads else os.environ.get("OMP_NUM_THREADS")
-    started, t0 = now_iso(), time.perf_counter()
-    shards, probe_split, stages = prepare_data(BUDGETS["cpu"], args, env)
-    py = sys.executable
-    batch = int(read_yaml(REPO / CONFIG)["data"]["micro_batch"])
-    base = [py, "pretrain/mae.py", CONFIG, f"data.train={shards}", "run.save_every=0",
-            "run.progress=false", "run.trackers=none", *BASELINE_AUGMENT]
+    (work, env, started, t0), py = options.start(args), sys.executable
+    _, per_class, source, _ = BUDGETS["cpu"]
+    shards, probe_split, stages = prepare_data(source, per_class, args, env)
+    batch = int(yaml.safe_load((REPO / CONFIG).read_text())["data"]["micro_batch"])
+    base = [py, "pretrain/mae.py", CONFIG, f"data.train={shards}", "run.save_every=0", "run.progress=false",
+            "run.trackers=none"]
     arms = [a for a in ARMS if not args.arm or a.name in args.arm]
-
     trains = any(a.name != "random" for a in arms)
-    rates = {}
-    for arm in ARMS:
-        if not arm.calibrate or (arm not in arms and not (arm.name == "mae" and trains)):  # MAE's rate: every arm's
-            continue
-        out = work / "calibrate" / arm.name
-        cmd = [*base, *arm.overrides, f"run.steps={CALIBRATION_STEPS}", "knn.enabled=false", "vis.num_images=0",
-               f"run.output_dir={out}"]
-        stages.append(run_stage(f"calibrate:{arm.name}", cmd, out, env, out / "metrics.jsonl"))
-        rates[arm.name] = median_images_per_sec(out / "metrics.jsonl", CALIBRATION_SKIP)
+    run_dirs, rates = {}, {}
+    for arm in ARMS:  # MAE's rate sets the step count of every arm that is not calibrated itself
+        if arm.calibrate and (arm in arms or (arm.name == "mae" and trains)):
+            name, out = f"calibrate:{arm.name}", work / "calibrate" / arm.name
+            cmd = [*base, *augment(arm), f"run.steps={CALIBRATION_STEPS}", "knn.enabled=false",
+                   "vis.num_images=0", f"run.output_dir={out}"]
+            stages.append(run_stage(name, cmd, out, env, out / run_files.METRICS))
+            run_dirs[name] = out
+            rates[arm.name] = read_run(out, CALIBRATION_SKIP).get("metrics", {}).get("images_per_sec")
     if trains and not rates.get("mae"):
-        raise ChainError("the MAE calibration run logged no images/s; every arm's step count is relative to it")
-
+        raise StageError("the MAE calibration run logged no images/s; every arm's step count is relative to it")
     knn = [f"knn.bank={shards}:{probe_split}", "knn.bank_size=null", f"knn.query={shards}:test", "knn.query_size=null",
-           "knn.every=0", "knn.pool=avg"]
-    results = {}
+           "run.eval_every=0", "model.pool=avg"]
     for arm in arms:
         rate = rates[arm.name] if arm.calibrate else rates.get("mae")
-        steps = max(1, round(args.minutes * 60 * rate / batch)) if rate and arm.name != "random" else None
-        out = work / arm.name
-        cmd = [*base, *arm.overrides, *([f"run.steps={steps}"] if steps else []), *knn, f"run.output_dir={out}"]
-        pretrain = run_stage(f"pretrain:{arm.name}", cmd, out, env, out / "encoder.safetensors")
-        probe_dir = work / f"{arm.name}_probe"
-        probe_cmd = [py, "finetune/linprobe.py", "finetune/configs/cifar10_linprobe_cpu.yaml", f"data.path={shards}",
-                     f"data.train_split={probe_split}", f"encoder={out / 'encoder.safetensors'}",
-                     f"run.output_dir={probe_dir}", "run.progress=false"]
-        probe = run_stage(f"probe:{arm.name}", probe_cmd, probe_dir, env, probe_dir / "eval.json")
-        stages += [pretrain, probe]
-        results[arm.name] = arm_result(arm, out, probe_dir, pretrain, probe, rates.get(arm.name))
-
-    result = {"started": started, "finished": now_iso(), "total_seconds": round(time.perf_counter() - t0, 1),
-              "command": " ".join(args.argv_record), "git_commit": git_commit(),
-              "hardware": hardware(threads), "minutes": args.minutes, "batch": batch,
-              "calibration": {"steps": CALIBRATION_STEPS, "skip": CALIBRATION_SKIP, "images_per_sec": rates},
-              "data": {"shards": str(shards), "bank": probe_split, "queries": "test"}, "arms": results,
-              "stages": [{k: s.get(k) for k in ("stage", "command", "seconds", "reused")} for s in stages]}
-    write_study(result, Path(args.docs))
-    return result
-
-
-def arm_result(arm: Arm, out: Path, probe_dir: Path, pretrain: dict, probe: dict, calib_rate: float | None) -> dict:
-    metrics = read_metrics(out / "metrics.jsonl")
-    logged = [r for r in metrics if isinstance(r.get("loss"), (int, float))]  # null: a window of skipped steps
-    losses = [r["loss"] for r in logged]
-    knn = [r["knn_top1"] for r in metrics if "knn_top1" in r]
-    evaluation = json.loads((probe_dir / "eval.json").read_text())
-    last = metrics[-1] if metrics else {}
-    return {"short": arm.short, "label": arm.label, "studies": list(arm.studies), "overrides": list(arm.overrides),
-            "steps": last.get("step"), "epochs": last.get("epoch"), "pretrain_seconds": pretrain["seconds"],
-            "median_images_per_sec": median_images_per_sec(out / "metrics.jsonl"),
-            "calibration_images_per_sec": calib_rate,
-            "loss_first": statistics.fmean(losses[:20]) if losses else None,
-            "loss_last": statistics.fmean(losses[-20:]) if losses else None,
-            "loss_curve": [[r["step"], round(r["loss"], 5)] for r in logged],
-            "knn_top1": 100.0 * knn[-1] if knn else None,
-            "probe_top1": evaluation["top1"], "probe_top5": evaluation["top5"], "probe_images": evaluation["n_images"],
-            "probe_seconds": probe["seconds"]}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    tmp = Path(tempfile.gettempdir())
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--work", default=str(tmp / "tessera-cifar10-objectives"),
-                   help="scratch folder for shards and runs (default: %(default)s)")
-    p.add_argument("--tarball", default=None, help=f"CIFAR-10 JPEG tarball (default: {default_tarball()})")
-    p.add_argument("--cifar-dir", default=str(tmp / "cifar10"), help="where the tarball is unpacked (default: "
-                                                                     "%(default)s)")
-    p.add_argument("--docs", default=str(REPO / "docs"), help="folder receiving results/ and RESULTS.md")
-    p.add_argument("--minutes", type=float, default=10.0,
-                   help="pretraining wall-clock of every arm, in minutes at the calibrated rate (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="OMP/MKL threads of every stage (default: inherited)")
-    p.add_argument("--arm", action="append", choices=[a.name for a in ARMS],
-                   help="run only these arms (repeatable; default: all)")
-    p.add_argument("--fresh", action="store_true", help="delete --work first and rerun every stage")
-    p.add_argument("--render-only", action="store_true", help="rebuild the .md, chart and RESULTS.md from the JSON")
-    return p
+        steps = [f"run.steps={max(1, round(args.minutes * 60 * rate / batch))}"] if arm.name != "random" else []
+        out, probe_dir = work / arm.name, work / f"{arm.name}_probe"
+        cmd = [*base, *augment(arm), *steps, *knn, f"run.output_dir={out}"]
+        stages.append(run_stage(f"pretrain:{arm.name}", cmd, out, env, out / run_files.ENCODER))
+        cmd = [py, "finetune/linprobe.py", "finetune/configs/cifar10_linprobe_cpu.yaml",
+               f"data.train={shards}:{probe_split}", f"encoder={out / run_files.ENCODER}",
+               f"run.output_dir={probe_dir}", "run.progress=false"]
+        stages.append(run_stage(f"probe:{arm.name}", cmd, probe_dir, env, probe_dir / run_files.EVAL))
+        run_dirs.update({f"pretrain:{arm.name}": out, f"probe:{arm.name}": probe_dir})
+    header = options.header(PROG, args, env, started, t0, name=NAME)
+    header.update(settings={"minutes": args.minutes, "batch": batch, "calibration_steps": CALIBRATION_STEPS,
+                            "calibration_skip": CALIBRATION_SKIP},
+                  arms={a.name: {"short": a.short, "label": a.label, "studies": list(a.studies)} for a in arms})
+    return write_results(header, stages, run_dirs, options.folders(args), Path(args.docs),
+                         {name: CALIBRATION_SKIP for name in run_dirs if name.startswith("calibrate:")})
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.argv_record = [PROG, *(sys.argv[1:] if argv is None else argv)]
-    args.tarball = args.tarball or str(default_tarball())
-    if args.render_only:
-        path = Path(args.docs) / "results" / "objectives_cpu.json"
-        if not path.is_file():
-            parser.exit(2, f"{PROG}: error: {path} does not exist; run the study first\n")
-        write_study(json.loads(path.read_text()), Path(args.docs))
-        return None
-    try:
-        return study(args)
-    except ChainInputError as exc:
-        parser.exit(2, f"{PROG}: error: {exc}\n")
-    except ChainError as exc:
-        raise SystemExit(f"{PROG}: error: {exc}") from None
+    p = options.parser(PROG, __doc__, "runs/cifar10_objectives")
+    p.add_argument("--minutes", type=float, default=10.0,
+                   help="pretraining wall-clock of every arm, in minutes at the calibrated rate (default: %(default)s)")
+    p.add_argument("--arm", action="append", choices=[a.name for a in ARMS], help="run only these arms (repeatable)")
+    return options.run(p, argv, lambda args: REPO / "runs" / "cifar10_objectives", study, render)
 
 
 if __name__ == "__main__":

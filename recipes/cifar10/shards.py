@@ -1,59 +1,42 @@
-"""The chain's data stage: unpack the CIFAR-10 JPEG tarball once, build a class-balanced probe subset, and write the
-WebDataset shards with `data/make_shards.py` (run as a subprocess); the micro budget uses `data/sample` as it is.
-
-The tarball is `--tarball`, else `$TESSERA_CIFAR10_TARBALL`, else `shared/datasets/cifar10-jpg.tar.gz` beside the
-checkout (the folder layout of this project's machines)."""
+"""The CIFAR-10 recipes' data: the JPEG tarball (--tarball, else $TESSERA_CIFAR10_TARBALL: train/ and test/
+ImageFolder trees) unpacked once, a class-balanced probe subset, WebDataset shards by data/make_shards.py."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
 import tarfile
 from pathlib import Path
 
-from recipes.cifar10.stages import REPO, ChainError, ChainInputError, run_stage
+from launch.run_record import read_record
+from recipes.stages import REPO, InputError, StageError, run_stage
 
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
 TARBALL_ENV = "TESSERA_CIFAR10_TARBALL"
-TARBALL_BESIDE_CHECKOUT = Path("shared") / "datasets" / "cifar10-jpg.tar.gz"  # relative to the checkout's parent
 
 
-def default_tarball() -> Path:
-    """`$TESSERA_CIFAR10_TARBALL` when set, else the tarball beside the checkout."""
-    return Path(os.environ.get(TARBALL_ENV) or REPO.parent / TARBALL_BESIDE_CHECKOUT)
-
-
-def ensure_cifar(tarball: Path, cifar_dir: Path) -> Path:
-    """`cifar_dir` with train/ and test/ ImageFolder trees, unpacked from `tarball` when missing.
-
-    Unpacks into a private folder and renames it into place, so a concurrent unpack by someone else is harmless."""
+def ensure_cifar(tarball: Path | None, cifar_dir: Path) -> Path:
+    """`cifar_dir` with train/ and test/ ImageFolder trees, unpacked from `tarball` when missing (into a private
+    folder first, then renamed into place: an interrupted unpack leaves no half folder)."""
     if (cifar_dir / "train").is_dir() and (cifar_dir / "test").is_dir():
         return cifar_dir
-    if not tarball.is_file():
-        raise ChainInputError(f"CIFAR-10 tarball not found: {tarball} (and {cifar_dir} has no train/ and test/); "
-                              f"pass --tarball PATH or set {TARBALL_ENV}=PATH (a .tar.gz holding train/ and test/ "
-                              "JPEG folders), or --cifar-dir with an unpacked copy")
+    if tarball is None or not tarball.is_file():
+        raise InputError(f"CIFAR-10 tarball not found: {tarball} (and {cifar_dir} has no train/ and test/); pass "
+                         f"--tarball PATH or set {TARBALL_ENV}=PATH (a .tar.gz holding train/ and test/ JPEG folders), "
+                         "or --cifar-dir with an unpacked copy")
+    if cifar_dir.exists() and any(cifar_dir.iterdir()):
+        raise InputError(f"cannot unpack into {cifar_dir}: it holds files but no train/ and test/; pick another "
+                         "--cifar-dir")
     tmp = cifar_dir.parent / f"{cifar_dir.name}.{os.getpid()}"
-    print(f"[chain] data: unpacking {tarball} -> {cifar_dir}", flush=True)
+    print(f"[recipe] data: unpacking {tarball} -> {cifar_dir}", flush=True)
     with tarfile.open(tarball) as tar:
         tar.extractall(tmp, filter="data")
     if not (tmp / "train").is_dir() or not (tmp / "test").is_dir():
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ChainInputError(f"{tarball} does not hold train/ and test/ folders; pass the CIFAR-10 JPEG tarball "
-                              "with --tarball")
-    try:
-        tmp.rename(cifar_dir)
-    except OSError:  # someone else finished first (or an empty folder is in the way)
-        if not (cifar_dir / "train").is_dir():
-            if cifar_dir.exists() and not any(cifar_dir.iterdir()):
-                cifar_dir.rmdir()
-                tmp.rename(cifar_dir)
-            else:
-                raise ChainInputError(f"cannot move the unpacked data to {cifar_dir}: it exists without train/; "
-                                      "pick another --cifar-dir") from None
-        shutil.rmtree(tmp, ignore_errors=True)
+        raise InputError(f"{tarball} does not hold train/ and test/ folders; pass the CIFAR-10 JPEG tarball with "
+                         "--tarball")
+    tmp.replace(cifar_dir)  # over an empty folder too
     return cifar_dir
 
 
@@ -64,7 +47,7 @@ def class_subset(train_dir: Path, out_dir: Path, per_class: int) -> Path:
     for cls in sorted(d for d in train_dir.iterdir() if d.is_dir()):
         files = sorted(f for f in cls.iterdir() if f.is_file())
         if len(files) < per_class:
-            raise ChainInputError(f"class folder {cls} has {len(files)} images, fewer than the {per_class} asked for")
+            raise InputError(f"class folder {cls} has {len(files)} images, fewer than the {per_class} asked for")
         (out_dir / cls.name).mkdir(parents=True)
         for f in files[:per_class]:
             (out_dir / cls.name / f.name).symlink_to(f.resolve())
@@ -73,38 +56,33 @@ def class_subset(train_dir: Path, out_dir: Path, per_class: int) -> Path:
 
 def split_sizes(shard_dir: Path) -> dict[str, int]:
     """Images per split, from the shards' dataset.json ({} when there are no shards yet)."""
-    meta = shard_dir / "dataset.json"
-    if not meta.is_file():
-        return {}
-    splits = json.loads(meta.read_text()).get("splits", {})
+    splits = read_record(shard_dir / "dataset.json").get("splits", {})
     return {k: int(v.get("num_samples", 0)) for k, v in splits.items()}
 
 
-def prepare_data(budget, args, env) -> tuple[Path, str, list[dict]]:
-    """(dataset folder, probe training split, stage records)."""
-    if budget.source == "sample":
+def prepare_data(source: str, per_class: int | None, args, env) -> tuple[Path, str, list[dict]]:
+    """(dataset folder, the probe's training split, stage records): `data/sample` as it is, or CIFAR-10 shards in
+    --work (train, test and, with `per_class`, a class-balanced probe_train) unless they are there already."""
+    if source == "sample":
         return REPO / "data" / "sample", "train", []
-    cifar = ensure_cifar(Path(args.tarball), Path(args.cifar_dir))
+    tarball = args.tarball or os.environ.get(TARBALL_ENV)
+    cifar = ensure_cifar(Path(tarball) if tarball else None, Path(args.cifar_dir).resolve())
     shards = Path(args.work) / "shards"
     # shard sizes: 20 train shards, so up to 20 loader workers (x ranks) each read their own
     want = {"train": (cifar / "train", CIFAR_TRAIN, 2500), "test": (cifar / "test", CIFAR_TEST, 1000)}
-    probe_split = "train"
-    if budget.probe_per_class:
-        probe_split = "probe_train"
-        want[probe_split] = (None, budget.probe_per_class * 10, 1000)
-    have = split_sizes(shards)
-    records = []
+    if per_class:
+        want["probe_train"] = (None, per_class * 10, 1000)
+    have, records = split_sizes(shards), []
     for split, (src, n, shard_size) in want.items():
         if have.get(split) == n:
-            print(f"[chain] data: reusing {shards}:{split} ({n} images)", flush=True)
+            print(f"[recipe] data: reusing {shards}:{split} ({n} images)", flush=True)
             continue
-        if src is None:
-            src = class_subset(cifar / "train", Path(args.work) / "probe_subset", budget.probe_per_class)
+        src = src or class_subset(cifar / "train", Path(args.work) / "probe_subset", per_class)
         cmd = [sys.executable, "data/make_shards.py", "--input", str(src), "--output", str(shards), "--split", split,
                "--shard-size", str(shard_size), "--workers", str(max(1, (os.cpu_count() or 2) - 1)), "--overwrite"]
         records.append(run_stage(f"shards:{split}", cmd, Path(args.work) / f"shards_{split}", env, None, reuse=False))
     got = split_sizes(shards)
-    for split, (_, n, _) in want.items():
-        if got.get(split) != n:
-            raise ChainError(f"{shards}:{split} holds {got.get(split)} images, expected {n} (see the make_shards log)")
-    return shards, probe_split, records
+    if bad := [split for split, (_, n, _) in want.items() if got.get(split) != n]:
+        raise StageError(f"{shards}:{bad[0]} holds {got.get(bad[0])} images, expected {want[bad[0]][1]} (see the "
+                         "make_shards log)")
+    return shards, "probe_train" if per_class else "train", records

@@ -1,4 +1,4 @@
-"""The pretraining loss curve as a PNG line chart (matplotlib): the logged values and a centred moving average."""
+"""The pretraining loss curve as a PNG (matplotlib, no pyplot state): the logged values and their centred mean."""
 
 from __future__ import annotations
 
@@ -15,15 +15,13 @@ RAW_COLOUR, SMOOTH_COLOUR = "#a0c4e4", "#1f77b4"
 def moving_average(ys, half: int) -> np.ndarray:
     """Centred mean over ys[i-half : i+half+1], cut at the ends (no lag, unlike a trailing mean)."""
     ys = np.asarray(ys, dtype=np.float64)
-    half = max(0, min(half, (len(ys) - 1) // 2))
-    kernel = np.ones(2 * half + 1)
+    kernel = np.ones(2 * max(0, min(half, (len(ys) - 1) // 2)) + 1)
     return np.convolve(ys, kernel, mode="same") / np.convolve(np.ones_like(ys), kernel, mode="same")
 
 
 def loss_figure(points, title: str = "", xlabel: str = "optimizer step",
                 ylabel: str = "reconstruction loss (MSE on masked patches)") -> Figure:
-    """A figure of (step, loss) points: the logged values (non-finite ones left out) and their centred mean over
-    about 1/40 of the run. Built on `matplotlib.figure.Figure`, so no pyplot state or GUI backend is involved."""
+    """The (step, loss) points (non-finite ones left out) and their centred mean over about 1/40 of the run."""
     fig = Figure(figsize=(SIZE_PX[0] / DPI, SIZE_PX[1] / DPI), dpi=DPI, layout="constrained")
     ax = fig.add_subplot()
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
@@ -31,15 +29,13 @@ def loss_figure(points, title: str = "", xlabel: str = "optimizer step",
     if not pts:
         ax.text(0.5, 0.5, "no loss values logged", transform=ax.transAxes, ha="center", va="center")
         return fig
-    xs, ys = np.array(pts).T
-    half = len(pts) // 80
+    (xs, ys), half = np.array(pts).T, len(pts) // 80
     if len(pts) == 1:
         ax.plot(xs, ys, "o", color=SMOOTH_COLOUR, label="logged step")
     else:
         ax.plot(xs, ys, color=RAW_COLOUR, linewidth=1, label="per logged step")
-        if half:
-            ax.plot(xs, moving_average(ys, half), color=SMOOTH_COLOUR, linewidth=2,
-                    label=f"centred mean of {2 * half + 1}")
+    if half:
+        ax.plot(xs, moving_average(ys, half), color=SMOOTH_COLOUR, linewidth=2, label=f"centred mean of {2 * half + 1}")
     ax.set_xlim(left=min(0.0, xs.min()))
     ax.grid(True, color="#e4e4e4")
     ax.legend(loc="upper right", frameon=False)
@@ -48,7 +44,6 @@ def loss_figure(points, title: str = "", xlabel: str = "optimizer step",
 
 def draw_loss_curve(points, path: Path, **labels) -> Path:
     """`loss_figure(points, **labels)` written to `path` as a 900x540 PNG."""
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     loss_figure(points, **labels).savefig(path, format="png")
     return path
