@@ -160,8 +160,8 @@ def verify_checkpoint(path: str | Path) -> str | None:
             elif file.name == DCP_METADATA:  # a distributed checkpoint (FSDP2): its files against its metadata
                 problem = dcp_problem(file.parent)
                 problem = problem and f"{file.parent.relative_to(path)}: {problem}"
-            elif file.suffix == DCP_SUFFIX:
-                continue  # checked through its folder's .metadata
+            elif file.suffix == DCP_SUFFIX:  # checked through its folder's .metadata
+                problem = None if (file.parent / DCP_METADATA).is_file() else f"{name} has no {DCP_METADATA} beside it"
             else:
                 with file.open("rb") as fh:
                     magic = fh.read(4)

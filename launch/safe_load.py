@@ -174,8 +174,8 @@ def unsafe_file(path: Path) -> str | None:
     distributed checkpoint's files are checked through its `.metadata` (`unsafe_dcp`)."""
     if path.name == DCP_METADATA:
         return unsafe_dcp(path.parent)
-    if path.suffix == DCP_SUFFIX:  # read through its folder's .metadata (checked there)
-        return None if (path.parent / DCP_METADATA).is_file() else f"it has no {DCP_METADATA} beside it"
+    if path.suffix == DCP_SUFFIX:  # read through its folder's .metadata (checked there; one missing is damage)
+        return None
     if not is_pickle_file(path):
         return None
     with path.open("rb") as fh:
