@@ -154,6 +154,9 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse_cli(FinetuneConfig, argv, PROG)
     ds = resolve_downstream(cfg)  # splits, encoder weights, normalisation: checked before anything is built
     rt = start_run(cfg.run, cfg.optim, micro=cfg.data.micro_batch, global_=cfg.data.global_batch)
+    if cfg.ema.enabled and rt.fsdp:  # timm's ModelEmaV3 deep-copies the model, which FSDP2 refuses
+        raise ConfigError("ema.enabled=true keeps a whole copy of the weights on every rank, which FSDP2's sharded "
+                          "model cannot give; set ema.enabled=false, or use DDP or ZeRO-2 for a weight EMA")
     if cfg.aug.mixup_active and rt.micro_batch % 2:
         raise ConfigError(f"mixup/cutmix need an even micro-batch; the batch config gives {rt.micro_batch} per "
                           f"process (set aug.mixup=0 aug.cutmix=0 or change data.global_batch / data.micro_batch)")

@@ -13,6 +13,7 @@ from launch.config import opt, section
 from launch.sections import (
     EVAL_BATCH_HELP,
     GLOBAL_HELP,
+    LOG_SAMPLES_HELP,
     MICRO_HELP,
     NORM_HELP,
     POOL_HELP,
@@ -51,6 +52,7 @@ class DataSection:
     prefetch: int = opt(1, PREFETCH_HELP)
     loader: Literal["stream", "synthetic"] = opt("stream", "stream: WebDataset shards through loader workers; "
                                                  "synthetic: random uint8 images of the configured shape, no I/O")
+    log_samples: bool = opt(False, LOG_SAMPLES_HELP)
 
     EXCLUSIVE = (("micro_batch", "global_batch"),)
 

@@ -20,6 +20,7 @@ stage. `build_accelerator` adds what the launcher cannot know:
 from __future__ import annotations
 
 import base64
+import dataclasses
 import importlib
 import json
 import os
@@ -138,12 +139,69 @@ def build_accelerator(run: RunConfig, optim: OptimConfig, *, logging_subdir: str
         kwargs_handlers=handlers,
         step_scheduler_with_optimizer=False,
     )
+    if uses_fsdp_env() and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        fsdp_on_cpu(accelerator)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        reduce_in_fp32(accelerator)
     if accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.NO:
         raise SystemExit(
             f"{accelerator.num_processes} processes but no distributed backend: gradients would not be synchronised. "
             "On CPU launch with ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu (see docs/LAUNCH.md)"
         )
     return accelerator
+
+
+def uses_fsdp_env() -> bool:
+    """True when the launcher asked for FSDP (`distributed_type: FSDP` in the accelerate yaml sets this)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def fsdp_on_cpu(accelerator: Accelerator) -> None:
+    """Make a CPU-only multi-process launch with an FSDP launch file (launch/accelerate/fsdp2.yaml) FSDP.
+
+    Accelerate 1.16 picks FSDP only for an accelerator device (`AcceleratorState` sets it under MULTI_GPU/NPU/...); on
+    a CPU box the same launch becomes MULTI_CPU, i.e. plain DDP, silently. torch's `fully_shard` itself runs on CPU
+    over gloo (all-gather and reduce-scatter, bf16 included), so the state is switched to FSDP with the plugin the
+    launcher's variables describe (`FSDP_VERSION`, wrap policy, state-dict type), as Accelerate does on a GPU. Only
+    the distributed type and the plugin change: the process group (gloo) and the device (cpu) stay Accelerate's.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables the launcher exported
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def reduce_in_fp32(accelerator: Accelerator) -> None:
+    """FSDP2 with bf16/fp16: gradients reduce-scattered in fp32 (the parameters are still all-gathered and computed
+    in the low precision). Accelerate's policy reduces in the compute dtype; summing many ranks' gradients in bf16
+    (8 bits of mantissa) loses what fp32 keeps, so Tessera reduces in fp32 as torchtitan does by default."""
+    plugin = accelerator.state.fsdp_plugin
+    policy = getattr(plugin, "mixed_precision_policy", None)
+    if plugin.fsdp_version == 2 and policy is not None and getattr(policy, "reduce_dtype", None) not in (
+            None, torch.float32):
+        plugin.mixed_precision_policy = dataclasses.replace(policy, reduce_dtype=torch.float32)
+
+
+def fsdp_summary(accelerator: Accelerator) -> dict | None:
+    """For run.json under FSDP: the version, the modules that are shard units (their names; "" is the root) and the
+    mixed-precision dtypes; None otherwise. Call after `prepare`."""
+    if accelerator.distributed_type != DistributedType.FSDP or not accelerator._models:
+        return None
+    from torch.distributed.fsdp import FSDPModule
+
+    model = accelerator._models[0]
+    policy = accelerator.state.fsdp_plugin.mixed_precision_policy
+    dtype = (lambda d: str(d).replace("torch.", "") if d is not None else "float32")
+    return {"version": accelerator.state.fsdp_plugin.fsdp_version,
+            "units": [name for name, m in model.named_modules() if isinstance(m, FSDPModule)],
+            "param_dtype": dtype(getattr(policy, "param_dtype", None)),
+            "reduce_dtype": dtype(getattr(policy, "reduce_dtype", None))}
 
 
 def configure_deepspeed(accelerator: Accelerator, micro_batch: int, optim: OptimConfig) -> dict | None:
@@ -190,6 +248,10 @@ __all__ = [
     "resolve_deepspeed_config_file",
     "resolve_precision",
     "uses_deepspeed_env",
+    "uses_fsdp_env",
+    "fsdp_on_cpu",
+    "fsdp_summary",
+    "reduce_in_fp32",
     "zero_stage",
     "input_dtype",
 ]

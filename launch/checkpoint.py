@@ -46,6 +46,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast_object_list
 
 from core.errors import UserError
+from launch.safe_load import DCP_METADATA, DCP_SUFFIX, dcp_problem
 
 STATE_FILE = "tessera_state.json"
 REGISTERED_FILE = "tessera_registered.safetensors"  # tensors of the state registered with the session
@@ -143,8 +144,9 @@ def _check_zip(path: Path, name: str) -> str | None:
 
 def verify_checkpoint(path: str | Path) -> str | None:
     """What is wrong with a complete-looking checkpoint directory, or None. Cheap: reads headers and zip
-    directories, never the tensors. Checks the state JSON, every *.safetensors file and every torch.save (zip)
-    file, which covers what Accelerate and DeepSpeed write."""
+    directories, never the tensors. Checks the state JSON, every *.safetensors file, every torch.save (zip) file
+    and every distributed checkpoint (DCP) folder's files against its .metadata, which covers what Accelerate,
+    DeepSpeed and FSDP2 write."""
     path = Path(path)
     try:
         json.loads((path / STATE_FILE).read_text())
@@ -155,6 +157,11 @@ def verify_checkpoint(path: str | Path) -> str | None:
         try:
             if file.suffix == ".safetensors":
                 problem = _check_safetensors(file, name)
+            elif file.name == DCP_METADATA:  # a distributed checkpoint (FSDP2): its files against its metadata
+                problem = dcp_problem(file.parent)
+                problem = problem and f"{file.parent.relative_to(path)}: {problem}"
+            elif file.suffix == DCP_SUFFIX:  # checked through its folder's .metadata
+                problem = None if (file.parent / DCP_METADATA).is_file() else f"{name} has no {DCP_METADATA} beside it"
             else:
                 with file.open("rb") as fh:
                     magic = fh.read(4)
@@ -246,8 +253,9 @@ class CheckpointManager:
 
     def _clean_stale(self) -> None:
         if self.accelerator.is_main_process and self.dir.is_dir():
-            for path in self.dir.glob(".tmp-*"):
-                shutil.rmtree(path, ignore_errors=True)
+            for pattern in (".tmp-*", ".universal-*"):  # unfinished saves, conversions of an interrupted resume
+                for path in self.dir.glob(pattern):
+                    shutil.rmtree(path, ignore_errors=True)
 
     def _any(self, flag: bool) -> bool:
         """True when `flag` is true on any process (one small all-reduce; only on the rare failure paths' checks)."""
@@ -407,15 +415,51 @@ class CheckpointManager:
 
         state = self.read_state(path)
         self.check_safe(path)
+        acc = self.accelerator
+        regroup = (acc.distributed_type == DistributedType.DEEPSPEED
+                   and state.get("world_size") not in (None, acc.num_processes))
         try:
-            self.accelerator.load_state(str(path))
+            if regroup:  # ZeRO partitions of another number of processes: through DeepSpeed's universal checkpoint
+                self._load_deepspeed_universal(path)
+            else:
+                acc.load_state(str(path))
             tensors = load_file(str(path / REGISTERED_FILE)) if (path / REGISTERED_FILE).is_file() else {}
+        except (CheckpointUnreadable, CheckpointUnsafe):
+            raise
         except Exception as exc:  # noqa: BLE001 - named for the user; the original is chained for debugging
             older = [p for _, p in self.complete() if p != path]
             way = (f"move it aside (mv {path} {path}{CORRUPT_SUFFIX}) to resume from {older[-1]}" if older else
                    "start over with run.resume=false run.overwrite=true")
             raise CheckpointUnreadable(f"cannot load checkpoint {path}: {_short(exc)}; {way}") from exc
         return state, tensors
+
+
+    def _load_deepspeed_universal(self, path: Path) -> None:
+        """Load a DeepSpeed checkpoint saved by another number of processes (`launch/elastic.py`): the main process
+        converts it to DeepSpeed's universal format next to it, every rank checks and loads that, and it is
+        deleted."""
+        from launch.elastic import convert_to_universal, load_universal, repair_universal_load, universal_dir
+
+        acc, error = self.accelerator, None
+        if acc.is_main_process:
+            try:
+                convert_to_universal(path)
+            except CheckpointUnreadable as exc:
+                error = str(exc)
+        if acc.num_processes > 1:
+            error = broadcast_object_list([error], from_process=0)[0]
+        if error is not None:
+            raise CheckpointUnreadable(error)
+        root = universal_dir(path)
+        try:
+            self.check_safe(root)
+            with load_universal(acc):
+                acc.load_state(str(root))
+            repair_universal_load(acc, root)
+        finally:
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                shutil.rmtree(root, ignore_errors=True)
 
 
 def _short(exc: BaseException) -> str:

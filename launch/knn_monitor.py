@@ -10,11 +10,13 @@ off, and `build_knn_monitor` says why in one line.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
+from accelerate.utils import DistributedType
 
 from core.errors import ConfigError
 from data.device_input import device_batches
@@ -57,6 +59,23 @@ def labelled(spec: str | None, role: str, explicit: bool) -> tuple[DatasetInfo |
     return info, ""
 
 
+@contextlib.contextmanager
+def root_unsharded(accelerator):
+    """Under FSDP2 the root shard unit's parameters (patch embedding, tokens, final norm) are gathered only by the
+    whole model's forward; the monitor runs the encoder alone, so they are gathered here (FSDP2's `unshard`) and
+    resharded after. The blocks gather their own in their forward hooks. A no-op under other engines."""
+    model = accelerator._models[0] if getattr(accelerator, "_models", None) else None
+    unshard = getattr(model, "unshard", None) if accelerator.distributed_type == DistributedType.FSDP else None
+    if unshard is None:
+        yield
+        return
+    unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
 @dataclass
 class KnnMonitor:
     """`monitor(step) -> {"knn_top1": float}`; call it on every rank (the loop's hooks are)."""
@@ -82,7 +101,7 @@ class KnnMonitor:
         was_training = encoder.training
         device = self.accelerator.device
         # no RNG is drawn by an eval-mode forward, but the training streams must not move even if one were
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), root_unsharded(self.accelerator):
             bank_x, bank_y = self.features(encoder, self.bank)
             query_x, query_y = self.features(encoder, self.query)
         encoder.train(was_training)

@@ -25,11 +25,13 @@ from dataclasses import dataclass
 
 import torch
 from accelerate.utils import DistributedType
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from core.errors import RunError
 from launch.hardware import device_name, peak_tflops, precision_name
 from launch.nonfinite import NonFiniteGuard, nonfinite
+from launch.sample_log import SampleLog
 from launch.schedule import apply_lr, lr_at
 from launch.session import Session
 from launch.signals import StopFlag, StopRequested
@@ -83,7 +85,7 @@ class TrainLoop:
         self.global_batch = self.session.rt.global_batch
         self._shown = {}  # merged hook values on the progress bar (the latest of each), e.g. knn_top1
         self._peak = peak_tflops(device_name(acc.device), precision_name(acc.mixed_precision))
-        device, accum = acc.device, optim.grad_accum_steps
+        device, accum = acc.device, self.session.rt.accum  # a resume on another world size may change it
         deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
         params = [p for p in self.model.parameters() if p.requires_grad]
         guard = None if deepspeed else NonFiniteGuard(self.optimizer, acc.scaler, self.model)
@@ -98,9 +100,16 @@ class TrainLoop:
         good_ckpt = state.get("last_good_checkpoint") if state.get("nonfinite_consecutive") else state.get("path")
         clock = (time.perf_counter(), step)
         self._wait = 0.0  # host seconds spent in next(batches) since the last log step
+        data = getattr(self.session.cfg, "data", None)  # the entry point's data section (data.log_samples)
+        samples = SampleLog(acc, self.session.run_dir, step) if getattr(data, "log_samples", False) else None
         bar = tqdm(total=run.steps, initial=step, desc=self.desc, dynamic_ncols=True,
                    disable=not (run.progress and acc.is_main_process))
         self.model.train()
+        # Accelerate counts micro-steps (`accelerator.step`) to decide which one of `accumulate` syncs gradients and
+        # steps the optimizer; `load_state` restores the saved run's count from random_states_0.pkl. Resumed with
+        # another accumulation (another number of processes), that count would sync the wrong micro-step and skip
+        # the optimizer step. Every fit starts at an optimizer-step boundary, so the count starts at 0.
+        acc.step = 0
         first = None
         if step < run.steps:
             stop.waiting = True  # a stop signal before the first batch arrives ends the run at once
@@ -119,6 +128,8 @@ class TrainLoop:
                 guard.begin()
             for micro in range(accum):
                 batch, first = (first, None) if first is not None else (self._next_batch(), None)
+                if samples is not None:
+                    samples.add(batch)
                 with acc.accumulate(self.model):  # no gradient all-reduce until the last micro-step
                     with acc.autocast():
                         micro_loss = self.step_fn(batch)
@@ -135,6 +146,8 @@ class TrainLoop:
                     gnorm = acc.clip_grad_norm_(params, optim.clip_grad)
                 else:  # the norm alone, to catch non-finite gradients behind a finite loss
                     gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                if isinstance(gnorm, DTensor):  # FSDP2: sharded gradients give a partial norm
+                    gnorm = gnorm.full_tensor()
                 bad = nonfinite(step_loss, gnorm)
                 if acc.num_processes > 1:  # one decision for all ranks (gradients agree, losses may not)
                     bad = acc.reduce(bad.float(), reduction="sum") > 0
@@ -146,6 +159,8 @@ class TrainLoop:
             window += torch.stack([torch.where(bad, 0.0, step_loss), (~bad).float()])
             step += 1
             bar.update(1)
+            if samples is not None:
+                samples.end_step(step)
             if self.after_update is not None:
                 self.after_update(step)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 CONFIG = "config.yaml"  # the resolved config
 RUN_RECORD = "run.json"  # provenance: command, commit, packages, hardware, batch arithmetic, times, final metrics
 METRICS = "metrics.jsonl"  # one JSON object per logged step
+SAMPLES = "samples.jsonl"  # data.log_samples=true: each step's sample keys and stream positions
 CHECKPOINTS = "checkpoints"  # resumable state, checkpoints/step_NNNNNN/
 LOCK = "run.lock"  # the run directory's claim (launch/run_dir.py)
 
@@ -26,6 +27,6 @@ CLASSIFIER_LAST = "classifier_last.safetensors"
 EVAL = "eval.json"  # top1, top5, n_images of the final evaluation
 FEATURES = "features"  # the linear probe's feature cache
 
-__all__ = ["CONFIG", "RUN_RECORD", "METRICS", "CHECKPOINTS", "LOCK", "ENCODER", "TEACHER_ENCODER", "PRETRAINER",
-           "RECONSTRUCTIONS", "RECONSTRUCTION_STEPS", "KNN_BASELINES", "KNN_CURVE", "CLASSIFIER_META",
+__all__ = ["CONFIG", "RUN_RECORD", "METRICS", "SAMPLES", "CHECKPOINTS", "LOCK", "ENCODER", "TEACHER_ENCODER",
+           "PRETRAINER", "RECONSTRUCTIONS", "RECONSTRUCTION_STEPS", "KNN_BASELINES", "KNN_CURVE", "CLASSIFIER_META",
            "CLASSIFIER_BEST", "CLASSIFIER_LAST", "EVAL", "FEATURES"]

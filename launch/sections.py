@@ -130,6 +130,8 @@ PREFETCH_HELP = "batches copied to the device ahead of the step (a side stream o
 NORM_HELP = ("normalisation {} per channel; None: dataset.json's (written by data/make_shards.py), else ImageNet's "
              "for 3 channels, else 0.5")
 MICRO_HELP = "images per process per micro-step (global_batch = micro_batch x processes x grad_accum_steps)"
+LOG_SAMPLES_HELP = ("write each optimizer step's sample keys and global stream positions to RUN_DIR/samples.jsonl "
+                    "(one gather per step; for comparing runs, e.g. across numbers of processes)")
 GLOBAL_HELP = "images per optimizer step over all processes and accumulation micro-steps (the lr scaling batch)"
 
 

@@ -11,8 +11,15 @@ resume, the run record, and the end of the run.
     session.finish({"loss": ...})                  # or session.stopped(result)
 
 Seeding, one policy: `start_run` seeds every rank with `run.seed` (the model is built identically everywhere); a fresh
-run then reseeds each rank with `run.seed + rank` (per-rank masking noise, dropout, augmentation); a resumed run gets
-every RNG state back from the checkpoint instead.
+run then reseeds each rank with `run.seed + rank` (per-rank dropout, drop path, mixup); a resumed run gets every RNG
+state back from the checkpoint instead, or, on another number of processes, restarts each rank's streams from
+(run.seed, step, rank) (`launch/elastic.py`). Per-sample randomness (augmentation, masks) comes from each sample's
+own seed in the data stream, whatever the process count.
+
+The number of processes may change between starts (`launch/elastic.py`): the global batch of the checkpoint is kept
+(micro-batch x accumulation chosen to fit, said at start-up), the weights and optimizer state reshard (DDP: full
+files; FSDP2: PyTorch DCP; DeepSpeed: converted to its universal checkpoint), and run.json keeps one segment per start
+with its world size.
 
 What survives a restart is registered once and saved by the session itself, never pickled: tensors go to
 `tessera_registered.safetensors`, everything else to `tessera_state.json` (with the step, the data position, the loop's
@@ -25,7 +32,7 @@ naming the keys, both values and the way out. A refused resume writes nothing in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +42,14 @@ from accelerate.utils import DistributedType, broadcast_object_list, set_seed
 
 from core.errors import UserError
 from launch import run_files
-from launch.accel import build_accelerator, configure_deepspeed, input_dtype, zero_stage
+from launch.accel import build_accelerator, configure_deepspeed, fsdp_summary, input_dtype, zero_stage
 from launch.checkpoint import CheckpointManager, ResumeMismatch, config_changes, fingerprint_changes
 from launch.config import save_config, to_dict
+from launch.elastic import newest_saved_state, plan_batch, reseed_ranks, rng_policy_line
 from launch.metrics import MetricsLogger
 from launch.run_dir import RunDirClaim, claim_run_dir
 from launch.run_record import end_record, start_record
-from launch.sections import OptimConfig, RunConfig, resolve_batch
+from launch.sections import OptimConfig, RunConfig
 from launch.signals import StopFlag, StopRequested
 
 # Config keys (dotted, or a section's prefix ending in ".") that may change when a run resumes: how long it runs, how
@@ -51,8 +59,8 @@ RESUME_MAY_CHANGE = (
     "run.steps", "run.log_every", "run.eval_every", "run.save_every", "run.keep_checkpoints", "run.resume",
     "run.overwrite", "run.trackers", "run.wandb_project", "run.max_nonfinite", "run.compile", "run.progress",
     "run.output_dir", "data.num_workers", "data.prefetch", "data.pin_memory", "data.eval_batch", "data.micro_batch",
-    "optim.grad_accum_steps", "optim.lr", "optim.blr", "optim.min_lr", "optim.warmup_steps", "optim.weight_decay",
-    "optim.clip_grad", "knn.", "vis.", "probe.rebuild_cache",
+    "data.log_samples", "optim.grad_accum_steps", "optim.lr", "optim.blr", "optim.min_lr", "optim.warmup_steps",
+    "optim.weight_decay", "optim.clip_grad", "knn.", "vis.", "probe.rebuild_cache",
 )
 SEP = "/"  # between the levels of a registered object's state in the saved names
 _CLAIMS: dict[Path, Session] = {}  # this process's open sessions by run directory
@@ -65,8 +73,9 @@ class Runtime:
     accelerator: Accelerator
     micro_batch: int  # images per process per micro-step
     global_batch: int  # images per optimizer step over all processes and accumulation micro-steps
-    accum: int  # micro-steps per optimizer step
+    accum: int  # micro-steps per optimizer step (the config's, or what a resume on another world size chose)
     dtype: torch.dtype  # inputs' dtype (bf16/fp16 under DeepSpeed, which converts the model but not its inputs)
+    batch_note: str | None = None  # how a resume on another number of processes split the kept global batch
 
     @property
     def world(self) -> int:
@@ -92,6 +101,15 @@ class Runtime:
     def zero_stage(self) -> int | None:
         return zero_stage(self.accelerator)
 
+    @property
+    def fsdp(self) -> bool:
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
+    @property
+    def sharded(self) -> bool:
+        """Parameters are partitioned over the ranks (ZeRO-3, FSDP): no rank can run the model alone."""
+        return self.zero_stage == 3 or self.fsdp
+
     def say(self, line: str) -> None:
         """One line on the main process's stdout."""
         if self.is_main:
@@ -99,13 +117,15 @@ class Runtime:
 
 
 def start_run(run: RunConfig, optim: OptimConfig, *, micro: int | None, global_: int | None) -> Runtime:
-    """The accelerator (launcher's process count, precision, DeepSpeed), micro/global batch, DeepSpeed's batch
-    fields, and every rank seeded with `run.seed` (call before building the model)."""
+    """The accelerator (launcher's process count, precision, DeepSpeed, FSDP), micro/global batch and accumulation,
+    DeepSpeed's batch fields, and every rank seeded with `run.seed` (call before building the model). A run that will
+    resume keeps its checkpoint's global batch on any number of processes (`launch/elastic.plan_batch`)."""
     accelerator = build_accelerator(run, optim)
-    micro, global_batch = resolve_batch(micro, global_, accelerator.num_processes, optim.grad_accum_steps)
-    configure_deepspeed(accelerator, micro, optim)
+    plan = plan_batch(newest_saved_state(run), accelerator.num_processes, micro, global_, optim.grad_accum_steps)
+    accelerator.gradient_accumulation_steps = plan.accum
+    configure_deepspeed(accelerator, plan.micro, replace(optim, grad_accum_steps=plan.accum))
     set_seed(run.seed)
-    return Runtime(accelerator, micro, global_batch, optim.grad_accum_steps, input_dtype(accelerator))
+    return Runtime(accelerator, plan.micro, plan.global_batch, plan.accum, input_dtype(accelerator), plan.note)
 
 
 def flat(d: dict, prefix: str = "", sep: str = ".") -> dict:
@@ -149,7 +169,8 @@ class Session:
         self._record_fields = {"entry": name, "world_size": rt.world, "distributed_type": acc.distributed_type.value,
                                "precision": acc.mixed_precision, "zero_stage": rt.zero_stage,
                                "micro_batch": rt.micro_batch, "grad_accum_steps": rt.accum,
-                               "global_batch": rt.global_batch, "steps": cfg.run.steps, **(record or {})}
+                               "global_batch": rt.global_batch, "steps": cfg.run.steps,
+                               **({"fsdp": fsdp} if (fsdp := fsdp_summary(acc)) else {}), **(record or {})}
         self._record: dict | None = None
         self.start_step = 0
         self.loop_state: dict = {}  # the loop's counters of the resumed checkpoint
@@ -255,11 +276,6 @@ class Session:
                                  f"{saved['global_batch']} images and this run has {self.rt.global_batch}; give "
                                  f"data.global_batch={saved['global_batch']} (the lr schedule and the data position "
                                  f"assume it)")
-        saved_world = saved.get("world_size")
-        if self.rt.deepspeed and saved_world not in (None, self.rt.world):
-            raise ResumeMismatch(f"cannot resume {path}: it was saved by {saved_world} DeepSpeed processes and this "
-                                 f"run has {self.rt.world}; resume with {saved_world} processes, or start a new run "
-                                 f"from its consolidated weights (model.init_from={path})")
         if changes:
             self.rt.say(f"[{self.name}] resuming with changed settings: {'; '.join(changes)}")
 
@@ -279,6 +295,14 @@ class Session:
         self.loop_state["path"] = str(path)
         self.resumed_from = path
         self.rt.say(f"[{self.name}] resuming at step {self.start_step} from {path}")
+        saved_world = state.get("world_size")
+        if saved_world not in (None, self.rt.world):  # no RNG state for the new ranks (launch/elastic.py)
+            reseed_ranks(self.cfg.run.seed, self.start_step, self.rt.rank)
+            self.rt.say(f"[{self.name}] resuming step {self.start_step} of a run saved on {saved_world} processes, "
+                        f"now on {self.rt.world}: {self.rt.batch_note or f'global batch {self.rt.global_batch} kept'}"
+                        f"; lr schedule unchanged; {rng_policy_line(self.start_step)}")
+        elif self.rt.batch_note:
+            self.rt.say(f"[{self.name}] batch: {self.rt.batch_note}")
 
     def _init_trackers(self) -> None:
         run = self.cfg.run
@@ -303,7 +327,8 @@ class Session:
                 else:
                     registered.setdefault(name, {})[key[len(name) + 1:]] = value
         state = {**loop_state, "values": self.values, "config": self.config, "fingerprint": self.fingerprint,
-                 "global_batch": self.rt.global_batch, "registered": {n: nest(v) for n, v in registered.items()}}
+                 "global_batch": self.rt.global_batch, "micro_batch": self.rt.micro_batch,
+                 "grad_accum_steps": self.rt.accum, "registered": {n: nest(v) for n, v in registered.items()}}
         if self._loader is not None:
             loader = {k: v for k, v in self._loader.state_dict().items() if k != "batches"}
             state["loader"] = {**loader, "cursor": step * self.rt.global_batch}

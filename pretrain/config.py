@@ -16,6 +16,7 @@ from launch.config import opt, section
 from launch.sections import (
     EVAL_BATCH_HELP,
     GLOBAL_HELP,
+    LOG_SAMPLES_HELP,
     MICRO_HELP,
     NORM_HELP,
     POOL_HELP,
@@ -106,6 +107,7 @@ class DataConfig:
     pin_memory: bool | None = opt(None, "pinned host memory for the batches; None: on with CUDA")
     prefetch: int = opt(1, PREFETCH_HELP)
     eval_batch: int = opt(250, EVAL_BATCH_HELP)
+    log_samples: bool = opt(False, LOG_SAMPLES_HELP)
 
     EXCLUSIVE = (("micro_batch", "global_batch"),)
 

@@ -233,9 +233,9 @@ def build(cfg: PretrainConfig, rt: Runtime):
     if cfg.model.init_from:  # continued pretraining: starting weights, fresh optimizer and schedule
         rt.say(warm_start(model, cfg.model.init_from, cfg.model.layer_norm_eps))
     teacher = build_teacher(cfg, model)  # data2vec: the EMA teacher, built before compile and prepare
-    if teacher is not None and rt.zero_stage == 3:
+    if teacher is not None and rt.sharded:
         raise ConfigError("model.objective=data2vec needs whole parameters on every rank for its EMA teacher; "
-                          "use DDP or ZeRO-2 (launch/accelerate/zero2.yaml), not ZeRO-3")
+                          "use DDP or ZeRO-2 (launch/accelerate/zero2.yaml), not ZeRO-3 or FSDP2")
     fingerprint = model_fingerprint(model)
     frozen = frozen_parameters(model)  # fp32 sin-cos tables (DeepSpeed bf16 keeps no fp32 copy of frozen tensors)
     optimizer = build_adamw(param_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay), cfg.optim,
@@ -268,7 +268,7 @@ def train(cfg: PretrainConfig) -> dict:
         start = session.begin()
         rt.say(summary(cfg, rt, raw, info, peak_lr, flops, start))
         with torch.random.fork_rng(devices=[]):  # reading the grid's images must not move the training RNG
-            pictures = rt.is_main and rt.zero_stage != 3 and predicts_pixels(raw)
+            pictures = rt.is_main and not rt.sharded and predicts_pixels(raw)  # one rank cannot run a sharded model
             vis_images = fixed_images(cfg, rt.device) if pictures else None
 
         def step_fn(batch: dict) -> torch.Tensor:

@@ -89,23 +89,31 @@ def ddp_cmd(args: list[str], port: int) -> list[str]:
             "--main_process_port", str(port), ENTRY, *args]
 
 
+def fp32_zero_yaml(stage: int, fp32_dir: Path) -> Path:
+    """A copy of launch/accelerate/zero{stage}.yaml naming a copy of its DeepSpeed JSON edited for fp32, the way
+    docs/LAUNCH.md says ("edit the JSON for fp32"), by its absolute path (a relative one is looked up in the current
+    directory, then in the repository: launch/accel.py)."""
+    yaml_file = ROOT / "launch" / "accelerate" / f"zero{stage}.yaml"
+    ds = json.loads((ROOT / "launch" / "deepspeed" / f"zero{stage}.json").read_text())
+    ds["bf16"] = {"enabled": False}
+    (fp32_dir / f"zero{stage}_fp32.json").write_text(json.dumps(ds))
+    text = yaml_file.read_text()
+    named = f"deepspeed_config_file: launch/deepspeed/zero{stage}.json"  # the yaml's own (repository-relative)
+    assert named in text, f"{yaml_file} no longer names its DeepSpeed JSON as {named!r}"
+    text = text.replace(named, f"deepspeed_config_file: {fp32_dir / f'zero{stage}_fp32.json'}")
+    out = fp32_dir / f"zero{stage}_fp32.yaml"
+    out.write_text(text)
+    return out
+
+
 def deepspeed_cmd(args: list[str], port: int, stage: int = 2, nproc: int = 2,
                   fp32_dir: Path | None = None) -> list[str]:
     """`accelerate launch` with the shipped ZeRO yaml as written (bf16 in its DeepSpeed JSON), or, with `fp32_dir`,
-    with copies of the yaml and JSON edited for fp32 the way docs/LAUNCH.md says ("edit the JSON for fp32"): the
-    numerics comparison with DDP needs both in fp32. The copy of the yaml names the edited JSON by its absolute path
-    (a relative one is looked up in the current directory, then in the repository: launch/accel.py)."""
+    with copies of the yaml and JSON edited for fp32 (`fp32_zero_yaml`): the numerics comparison with DDP needs both
+    in fp32."""
     yaml_file = ROOT / "launch" / "accelerate" / f"zero{stage}.yaml"
     if fp32_dir is not None:
-        ds = json.loads((ROOT / "launch" / "deepspeed" / f"zero{stage}.json").read_text())
-        ds["bf16"] = {"enabled": False}
-        (fp32_dir / f"zero{stage}_fp32.json").write_text(json.dumps(ds))
-        text = yaml_file.read_text()
-        named = f"deepspeed_config_file: launch/deepspeed/zero{stage}.json"  # the yaml's own (repository-relative)
-        assert named in text, f"{yaml_file} no longer names its DeepSpeed JSON as {named!r}"
-        text = text.replace(named, f"deepspeed_config_file: {fp32_dir / f'zero{stage}_fp32.json'}")
-        yaml_file = fp32_dir / f"zero{stage}_fp32.yaml"
-        yaml_file.write_text(text)
+        yaml_file = fp32_zero_yaml(stage, fp32_dir)
     return [ACCELERATE, "launch", "--config_file", str(yaml_file), "--num_processes", str(nproc),
             "--main_process_port", str(port), ENTRY, *args]
 

@@ -88,8 +88,22 @@ COVERAGE = [
     (r"^python pretrain/mae\.py --help$", "test_help"),
     (r"^python pretrain/mae\.py CONFIG\.yaml run\.precision=bf16$", "test_one_process_bf16"),
     (r"^accelerate launch --config_file launch/accelerate/gpu1\.yaml ", "test_gpu1_simple_launcher"),
-    (r"^accelerate launch --config_file launch/accelerate/ddp8\.yaml ", "test_accelerate_yaml[ddp8]"),
-    (r"^accelerate launch --config_file launch/accelerate/zero2\.yaml ", "test_accelerate_yaml[zero2]"),
+    (r"^accelerate launch --config_file launch/accelerate/ddp8\.yaml (?!--num_processes 4 )",
+     "test_accelerate_yaml[ddp8]"),
+    (r"^accelerate launch --config_file launch/accelerate/zero2\.yaml (?!--num_processes 4 )",
+     "test_accelerate_yaml[zero2]"),
+    (r"^accelerate launch --config_file launch/accelerate/fsdp2\.yaml pretrain/", "test_accelerate_yaml[fsdp2]"),
+    # "Re-run on any number of processes": the same commands with another --num_processes (tests/test_elastic.py)
+    (r"^accelerate launch --config_file launch/accelerate/ddp8\.yaml --num_processes 4 pretrain/",
+     "test_elastic.py::test_ddp_four_to_two"),
+    (r"^accelerate launch --config_file launch/accelerate/zero2\.yaml --num_processes 4 pretrain/",
+     "test_elastic.py::test_zero2_four_to_two"),
+    (r"^accelerate launch --config_file launch/accelerate/zero3\.yaml --num_processes 4 pretrain/",
+     "test_elastic.py::test_zero3_two_to_three"),
+    (r"^accelerate launch --config_file launch/accelerate/fsdp2\.yaml --num_processes 4 pretrain/",
+     "test_elastic.py::test_fsdp2_four_to_two"),
+    (r"^accelerate launch --config_file launch/accelerate/ddp8\.yaml --num_processes 4 finetune/classify\.py ",
+     "test_elastic.py::test_finetune_four_to_two"),
     (r"^accelerate launch --config_file launch/accelerate/multinode\.yaml --machine_rank [01] ", "test_multinode"),
     (r"^ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 pretrain/mae\.py( \.\.\.)?$",
      "test_two_process_reference"),
@@ -187,7 +201,7 @@ def test_every_documented_command_is_covered():
     for how in tests:
         if not how.startswith("skip:"):
             name = how.split("::")[-1].split("[")[0]
-            assert name in here or how.startswith("test_preemption.py::"), f"{how}: no such test"
+            assert name in here or how.startswith(("test_preemption.py::", "test_elastic.py::")), f"{how}: no such test"
 
 
 def test_every_launch_file_is_valid_and_documented():
@@ -271,10 +285,11 @@ def test_gpu1_simple_launcher(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["ddp8", "zero2", "zero3"])
+@pytest.mark.parametrize("name", ["ddp8", "zero2", "zero3", "fsdp2"])
 def test_accelerate_yaml(tmp_path, name):
-    """ddp8.yaml (bf16 DDP), zero2.yaml and zero3.yaml (DeepSpeed, bf16 from the JSON) as written, with two processes
-    instead of eight; the README's command for ddp8 and zero2, the ZeRO-2 command with zero3.yaml for ZeRO-3. The
+    """ddp8.yaml (bf16 DDP), zero2.yaml and zero3.yaml (DeepSpeed, bf16 from the JSON), fsdp2.yaml (FSDP2, bf16) as
+    written, with two processes instead of eight; the README's command for ddp8 and zero2, LAUNCH.md's for fsdp2, the
+    ZeRO-2 command with zero3.yaml for ZeRO-3. The
     ZeRO ones run from a directory other than the repository's, the yaml and the script named by absolute paths
     (issue 26 item 9: the yaml's relative DeepSpeed JSON path used to fail there on every rank)."""
     source = "zero2" if name == "zero3" else name
@@ -288,9 +303,12 @@ def test_accelerate_yaml(tmp_path, name):
         (tmp_path / "elsewhere").mkdir()
     run_ok(cmd, extra, timeout=600, cwd=tmp_path / "elsewhere" if elsewhere else ROOT)
     rec = run_record(tmp_path / "run")
-    kind = "DEEPSPEED" if name.startswith("zero") else "MULTI_CPU"
+    kind = "DEEPSPEED" if name.startswith("zero") else "FSDP" if name == "fsdp2" else "MULTI_CPU"
     assert (rec["distributed_type"], rec["world_size"], rec["precision"]) == (kind, 2, "bf16"), rec
     assert rec["zero_stage"] == (int(name[-1]) if name.startswith("zero") else None)
+    if name == "fsdp2":  # one shard unit per transformer Block; bf16 compute, gradients reduced in fp32
+        assert {"encoder.blocks.0", "decoder_blocks.0"} <= set(rec["fsdp"]["units"]), rec["fsdp"]
+        assert (rec["fsdp"]["param_dtype"], rec["fsdp"]["reduce_dtype"]) == ("bfloat16", "float32"), rec["fsdp"]
     finished(tmp_path / "run", 3)
 
 

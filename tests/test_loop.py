@@ -21,7 +21,7 @@ class ToySession:
 
     def __init__(self, run: RunConfig, optim: OptimConfig, global_batch: int):
         acc = Accelerator(cpu=True, gradient_accumulation_steps=optim.grad_accum_steps)
-        self.rt = SimpleNamespace(accelerator=acc, global_batch=global_batch)
+        self.rt = SimpleNamespace(accelerator=acc, global_batch=global_batch, accum=optim.grad_accum_steps)
         self.cfg = SimpleNamespace(run=run, optim=optim)
         self.start_step, self.loop_state, self.stop = 0, {}, None
         self.saved, self.records = [], []
