@@ -2,11 +2,12 @@
 
 classifier.json holds what is needed to rebuild the model without the training config: `kind` ("vit": a timm
 VisionTransformer with its head, from fine-tuning; "distilled": timm's VisionTransformerDistilled, DeiT's two heads,
-averaged in eval mode; "cnn": a timm CNN trained from scratch; "probe": frozen encoder + BatchNorm/Linear head), the
-encoder architecture (`encoder_cfg`; a `hybrid` key names a hybrid ViT, `models/hybrid.py`, a `cnn` key a timm CNN),
-class count and names, pooling, input size and normalisation, and where the encoder came from. Fine-tuning also
-records `timm`: the `timm.create_model` name and kwargs that rebuild the exported weights in timm
-(`pretrained=True, pretrained_cfg_overlay=dict(file=..., num_classes=N)`).
+averaged in eval mode; "cnn": a timm CNN trained from scratch; "probe": frozen encoder + BatchNorm/Linear head, or
+with `head: "attentive"` the attentive probe of `finetune/attentive_probe.py`, whose `attn_heads` and `include_cls`
+are recorded too), the encoder architecture (`encoder_cfg`; a `hybrid` key names a hybrid ViT, `models/hybrid.py`, a
+`cnn` key a timm CNN), class count and names, pooling, input size and normalisation, and where the encoder came
+from. Fine-tuning also records `timm`: the `timm.create_model` name and kwargs that rebuild the exported weights in
+timm (`pretrained=True, pretrained_cfg_overlay=dict(file=..., num_classes=N)`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ def build_from_meta(meta: dict) -> nn.Module:
         from models.classifier import create_backbone
 
         cfg["img_size"] = img_size
+        if meta.get("head", "linear") == "attentive":
+            from finetune.attentive_probe import AttentiveProbeClassifier
+
+            return AttentiveProbeClassifier(create_backbone(cfg), meta["num_classes"],
+                                            include_cls=bool(meta.get("include_cls", False)),
+                                            num_heads=meta.get("attn_heads"))
+        if meta.get("head", "linear") != "linear":
+            raise ConfigError(f"classifier.json: unknown probe head {meta['head']!r} (expected 'linear' or "
+                              f"'attentive')")
         return ProbeClassifier(create_backbone(cfg), meta["num_classes"], pool=meta.get("pool", "token"))
     raise ConfigError(f"classifier.json: unknown kind {meta['kind']!r} (expected 'vit', 'distilled', 'cnn' or "
                       f"'probe')")
