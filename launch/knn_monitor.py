@@ -125,17 +125,18 @@ class KnnMonitor:
     k: int = 20
     temperature: float = 0.07
     pool: str = "token"
-    bank_name: str = ""  # what the bank and queries are (spec and size), recorded with the baselines
+    bank_name: str = ""  # the bank's and the queries' specs, recorded with the baselines
     query_name: str = ""
     img_size: int | None = None
     init_top1: float | None = None  # knn_top1_init once `baselines` ran: the hook then also returns the gain over it
+    last_top1: float | None = None  # the hook's latest knn_top1 (for `knn_summary` at the end of the run)
 
     def features(self, encoder: nn.Module, loader: EvalLoader) -> tuple[torch.Tensor, torch.Tensor]:
         batches = device_batches(loader, self.accelerator.device, mean=self.mean, std=self.std, dtype=self.dtype)
         return extract_features(encoder, batches, self.accelerator, self.pool, progress=False)
 
     def __call__(self, step: int) -> dict:
-        top1 = self.encoder_top1(self.encoder())
+        top1 = self.last_top1 = self.encoder_top1(self.encoder())
         out = {"knn_top1": top1}
         if self.init_top1 is not None:
             out["knn_gain_init"] = top1 - self.init_top1  # for the progress bar: the gain over the encoder at init
@@ -145,6 +146,7 @@ class KnnMonitor:
         """knn_top1 of `encoder` (the hook's: the one the monitor follows; the baselines': the one at init)."""
         was_training = encoder.training
         device = self.accelerator.device
+        # no RNG is drawn by an eval-mode forward, but the training streams must not move even if one were
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             bank_x, bank_y = self.features(encoder, self.bank)
             query_x, query_y = self.features(encoder, self.query)

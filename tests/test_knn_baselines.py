@@ -146,7 +146,9 @@ def test_baselines_are_computed_once_cached_and_read_on_resume(tiny_data, tmp_pa
     encoder = tiny_encoder()
     reference = reference_baselines(tiny_data, encoder)
     monitor = monitor_on(tiny_data, encoder)
+    rng = torch.get_rng_state()
     got = monitor.baselines(tmp_path, encoder)
+    assert torch.equal(torch.get_rng_state(), rng)  # the training streams do not move
     assert got == pytest.approx(reference, abs=1e-12)
     blob = json.loads((tmp_path / "knn_baselines.json").read_text())
     assert blob["knn_top1_init"] == got["knn_top1_init"] and blob["knn_top1_pixels"] == got["knn_top1_pixels"]
@@ -154,6 +156,7 @@ def test_baselines_are_computed_once_cached_and_read_on_resume(tiny_data, tmp_pa
         "bank_size": 20, "query_size": 10, "k": 20, "temperature": 0.07, "pool": "token", "pixel_pool": PIXEL_POOL}
     # the hook now also reports the gain over the encoder at init
     step = monitor(1)
+    assert monitor.last_top1 == step["knn_top1"]
     assert step["knn_gain_init"] == pytest.approx(step["knn_top1"] - got["knn_top1_init"], abs=1e-15)
 
     # a resumed run (no encoder at init) reads the file: marked values come back, nothing is recomputed
