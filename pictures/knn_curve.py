@@ -67,7 +67,7 @@ def knn_figure(records: list[dict], baselines: dict | None = None, title: str = 
             ax.axhline(value, color=colour, linestyle=style, linewidth=1.5, label=f"{label}: {value:.3f}")
     ax.set_xlim(left=0, right=max(steps) * 1.05 if max(steps) > 0 else 1)
     ax.grid(True, color="#e4e4e4")
-    ax.legend(loc="lower right", frameon=False)
+    ax.legend(loc="best", frameon=True, framealpha=0.9)  # where it hides the fewest points
     return fig
 
 
