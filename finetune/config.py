@@ -68,9 +68,21 @@ class DataSection:
 
 @dataclass
 class ProbeSection:
+    head: Literal["linear", "attentive"] = opt("linear", "linear: pooled feature -> BatchNorm -> Linear (LARS, "
+                                               "optim.name=lars); attentive: a learned query attends over the patch "
+                                               "tokens -> LayerNorm -> Linear (AdamW, optim.name=adamw; "
+                                               "finetune/configs/probe_attentive.yaml)")
     cached: bool = opt(True, "extract features once (eval transform) and train the head on the cache; false: RRC+flip "
                              "through the streaming loader and an encoder forward every step (the recipe)")
     rebuild_cache: bool = opt(False, "re-extract features even when the cache key matches")
+    attn_heads: int | None = opt(None, "attentive head's attention heads (None: width / 64)")
+    include_cls: bool = opt(False, "attentive head: attend over the CLS token too (default: the patch tokens, as AIM)")
+    token_memory: float = opt(0.5, "attentive head: cache the tokens (fp16) when they take at most this fraction of "
+                                   "the memory available, else stream them (an encoder forward every step)")
+
+    def __post_init__(self) -> None:
+        if not 0 < self.token_memory <= 1 or (self.attn_heads is not None and self.attn_heads < 1):
+            raise ValueError("probe.token_memory must be in (0, 1] and probe.attn_heads >= 1")
 
 
 @dataclass
@@ -103,11 +115,18 @@ class LinprobeConfig:
     def __post_init__(self) -> None:
         if self.num_classes is not None and self.num_classes < 1:
             raise ValueError("num_classes must be >= 1")
-        if self.optim.name != "lars":
-            raise ValueError(f"optim.name={self.optim.name}: the linear probe trains with LARS (optim.name=lars)")
+        want = "lars" if self.probe.head == "linear" else "adamw"
+        if self.optim.name != want:
+            raise ValueError(f"optim.name={self.optim.name}: the {self.probe.head} probe trains with optim.name={want}"
+                             + (" (finetune/configs/probe_attentive.yaml sets it and its lr)" if want == "adamw"
+                                else ""))
 
     def inapplicable(self) -> dict[str, str]:
         out = {}
+        if self.probe.head == "linear":
+            out.update({f"probe.{k}": "probe.head=linear" for k in ("attn_heads", "include_cls", "token_memory")})
+        else:
+            out["model.pool"] = "probe.head=attentive attends over the tokens (probe.include_cls), it pools nothing"
         if self.probe.cached:
             out.update({f"data.{k}": "probe.cached=true trains on cached features (no training stream)"
                         for k in ("shuffle_buffer", "pin_memory", "prefetch", "loader")})

@@ -1,7 +1,10 @@
-"""Linear probing of a frozen encoder: `accelerate launch finetune/linprobe.py [CONFIG.yaml] [key=value ...]`.
+"""Probing a frozen encoder: `accelerate launch finetune/linprobe.py [CONFIG.yaml] [key=value ...]`.
 
-Frozen encoder -> CLS token (or `model.pool=avg`) -> BatchNorm1d(affine=False) -> Linear, trained with LARS (timm), no
-weight decay, warmup + cosine (the MAE recipe). Two paths:
+`probe.head=linear` (default): frozen encoder -> CLS token (or `model.pool=avg`) -> BatchNorm1d(affine=False) ->
+Linear, trained with LARS (timm), no weight decay, warmup + cosine (the MAE recipe). `probe.head=attentive`
+(`finetune/configs/probe_attentive.yaml`): a learned query attends over the frozen patch tokens -> LayerNorm ->
+Linear, trained with AdamW, on cached fp16 tokens when they fit `probe.token_memory` of the memory, else streamed
+(`models/probe.py`). Two paths:
 * cached (default, `probe.cached=true`): features of both splits are extracted once with the eval transform and
   cached in `RUN_DIR/features/` (keyed by encoder hash, dataset and transform); the head trains on them, which takes
   seconds. Each step draws the global batch from a seeded per-epoch permutation; every rank takes its slice.
@@ -27,17 +30,18 @@ from finetune.downstream import Downstream, resolve_downstream
 from finetune.evaluation import AccuracyMeter, ClassifierEval, evaluate_model
 from finetune.export import save_classifier
 from finetune.features import FeatureCache, cache_key
-from finetune.lars import build_lars
+from finetune.probe_optim import build_attentive_optimizer, build_lars
+from launch.cache_memory import token_cache_plan
 from launch.checkpoint import model_fingerprint
 from launch.config import parse_cli
 from launch.errors import cli
-from launch.features import extract_features
+from launch.features import extract_features, extract_tokens
 from launch.loop import TrainLoop
 from launch.session import Runtime, Session, start_run
 from launch.weights import encoder_model
 from models.compile import compile_blocks, compile_enabled
 from models.flops import vit_flops_per_image
-from models.probe import ProbeClassifier
+from models.probe import AttentiveProbeClassifier, ProbeClassifier
 
 PROG = "finetune/linprobe.py"
 
@@ -62,27 +66,51 @@ def cached_batches(train_x, train_y, *, global_batch: int, micro: int, accum: in
         m += 1
 
 
-def cached_features(cfg: LinprobeConfig, rt: Runtime, ds: Downstream, encoder) -> dict:
-    """{"train": (features, labels), "test": ...} of both splits, extracted once (every rank ends with all rows) and
-    cached in the run directory."""
-    cache, feats = FeatureCache(cfg.run.output_dir), {}
-    for name, spec, info in (("train", ds.train_spec, ds.train), ("test", ds.test_spec, ds.test)):
+def probe_model(cfg: LinprobeConfig, ds: Downstream):
+    """The frozen encoder with the probe's head (`probe.head`)."""
+    encoder = encoder_model(ds.source, ds.img_size)
+    if cfg.probe.head == "attentive":
+        return AttentiveProbeClassifier(encoder, ds.num_classes, include_cls=cfg.probe.include_cls,
+                                        num_heads=cfg.probe.attn_heads)
+    return ProbeClassifier(encoder, ds.num_classes, pool=cfg.model.pool)
+
+
+def tokens_fit(cfg: LinprobeConfig, rt: Runtime, ds: Downstream, encoder) -> bool:
+    """Whether the attentive probe's tokens of both splits fit `probe.token_memory` of the memory (said in a line)."""
+    n = (ds.train.num_samples or 0) + (ds.test.num_samples or 0)
+    tokens = encoder.patch_embed.num_patches + (encoder.num_prefix_tokens if cfg.probe.include_cls else 0)
+    plan = token_cache_plan(n, tokens, encoder.embed_dim, fraction=cfg.probe.token_memory, device=rt.device)
+    rt.say(f"[linprobe] {plan}: " + ("cached" if plan.fits else "streamed (an encoder forward every step)"))
+    return plan.fits and n > 0
+
+
+def cached_features(cfg: LinprobeConfig, rt: Runtime, ds: Downstream, model) -> dict:
+    """{"train": (features or tokens, labels), "test": ...} of both splits, extracted once (every rank ends with all
+    rows) and cached in the run directory (`features/<split>.safetensors`, tokens `<split>.tokens.safetensors`)."""
+    cache, feats, tokens = FeatureCache(cfg.run.output_dir), {}, cfg.probe.head == "attentive"
+    for split, spec, info in (("train", ds.train_spec, ds.train), ("test", ds.test_spec, ds.test)):
+        name = f"{split}.tokens" if tokens else split
         key = cache_key(encoder_identity=ds.source.identity, urls=info.urls, transform=ds.eval_transform(),
-                        pool=cfg.model.pool, extra={"img_size": ds.img_size, "split": spec})
+                        pool="tokens+cls" if tokens and cfg.probe.include_cls else "tokens" if tokens else
+                        cfg.model.pool, extra={"img_size": ds.img_size, "split": spec})
         hit = None if cfg.probe.rebuild_cache else cache.load(name, key)
         if hit is None:
             t0 = time.time()
             batches, total = ds.eval_batches(rt, spec, cfg.data.eval_batch, cfg.data.num_workers)
-            hit = extract_features(encoder, batches, rt.accelerator, cfg.model.pool, desc=f"features {name}",
-                                   progress=cfg.run.progress, total=total)
+            if tokens:
+                hit = extract_tokens(model.encoder, batches, rt.accelerator, include_prefix=cfg.probe.include_cls,
+                                     desc=f"tokens {split}", progress=cfg.run.progress, total=total)
+            else:
+                hit = extract_features(model.encoder, batches, rt.accelerator, cfg.model.pool,
+                                       desc=f"features {split}", progress=cfg.run.progress, total=total)
             if rt.is_main:
                 cache.save(name, key, *hit)
-            rt.say(f"[linprobe] extracted {len(hit[0])} {name} features in {time.time() - t0:.1f}s -> "
+            rt.say(f"[linprobe] extracted {len(hit[0])} {split} features in {time.time() - t0:.1f}s -> "
                    f"{cache.path(name)}")
             rt.accelerator.wait_for_everyone()
         else:
-            rt.say(f"[linprobe] using cached {name} features ({len(hit[0])}) from {cache.path(name)}")
-        feats[name] = hit
+            rt.say(f"[linprobe] using cached {split} features ({len(hit[0])}) from {cache.path(name)}")
+        feats[split] = hit
     if ds.train.num_samples and len(feats["train"][0]) != ds.train.num_samples:
         raise RuntimeError(f"extracted {len(feats['train'][0])} train features but the split has "
                            f"{ds.train.num_samples} images")
@@ -111,19 +139,24 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse_cli(LinprobeConfig, argv, PROG)
     ds = resolve_downstream(cfg)  # splits, encoder weights, normalisation: checked before anything is built
     rt = start_run(cfg.run, cfg.optim, micro=cfg.data.micro_batch, global_=cfg.data.global_batch)
-    model = ProbeClassifier(encoder_model(ds.source, ds.img_size), ds.num_classes, pool=cfg.model.pool).to(rt.device)
+    model = probe_model(cfg, ds).to(rt.device)
     if compile_enabled(cfg.run.compile, rt.device):
         compile_blocks(model.encoder)  # the frozen encoder's forward dominates extraction and the augmented path
     for note in ds.source.notes:
         rt.say(f"[linprobe] note: {note}")
-    path_used = "cached" if cfg.probe.cached else "augmented"
-    feats = cached_features(cfg, rt, ds, model.encoder) if cfg.probe.cached else None
+    cached = cfg.probe.cached and (cfg.probe.head == "linear" or tokens_fit(cfg, rt, ds, model.encoder))
+    path_used = "cached" if cached else "augmented"
+    feats = cached_features(cfg, rt, ds, model) if cached else None
     fingerprint = model_fingerprint(model.head)
-    optimizer = build_lars(model.head, weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum,
-                           trust_coeff=cfg.optim.trust_coeff)
+    if cfg.probe.head == "attentive":
+        optimizer = build_attentive_optimizer(model.head, weight_decay=cfg.optim.weight_decay,
+                                              betas=tuple(cfg.optim.betas))
+    else:
+        optimizer = build_lars(model.head, weight_decay=cfg.optim.weight_decay, momentum=cfg.optim.momentum,
+                               trust_coeff=cfg.optim.trust_coeff)
     head, optimizer = rt.accelerator.prepare(model.head, optimizer)
     peak_lr = cfg.optim.peak_lr(rt.global_batch)
-    head_flops = 3 * 2 * model.encoder.embed_dim * ds.num_classes  # the Linear's forward and backward
+    head_flops = 3 * sum(p.numel() for p in model.head.parameters()) * 2  # ~ the head's forward and backward
     enc_cfg = ds.source.encoder_cfg
     encoder_flops = vit_flops_per_image(dict(enc_cfg, img_size=ds.img_size)) if feats is None and "hybrid" not in \
         enc_cfg else 0  # the augmented path runs the frozen encoder forward each step (no backward through it)
@@ -150,9 +183,11 @@ def main(argv: list[str] | None = None) -> dict:
             state = {f"encoder.{k}": v for k, v in model.encoder.state_dict().items()}
             state.update({f"head.{k}": v for k, v in rt.accelerator.unwrap_model(head).state_dict().items()})
             if rt.is_main:
-                save_classifier(state, session.run_dir / name, {**ds.meta("probe", dict(ds.source.encoder_cfg,
-                                                                                        img_size=ds.img_size),
-                                                                          cfg.model.pool), "step": step})
+                meta = ds.meta("probe", dict(ds.source.encoder_cfg, img_size=ds.img_size), cfg.model.pool)
+                meta.update(head=cfg.probe.head, step=step)
+                if cfg.probe.head == "attentive":
+                    meta.update(attn_heads=model.head.num_heads, include_cls=cfg.probe.include_cls)
+                save_classifier(state, session.run_dir / name, meta)
 
         evaluation = ClassifierEval(session, evaluate, save_weights, "linprobe")
         start = session.begin()
@@ -165,8 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
         if done.stopped_by:
             return session.stopped(done)
         return evaluation.finish(done.step, {
-            "task": "linprobe", "path": path_used, "pool": cfg.model.pool, "global_batch": rt.global_batch,
-            "peak_lr": peak_lr, "encoder": ds.source.describe(), "data": ds.test_spec,
+            "task": "linprobe", "head": cfg.probe.head, "path": path_used, "pool": cfg.model.pool,
+            "global_batch": rt.global_batch, "peak_lr": peak_lr, "encoder": ds.source.describe(), "data": ds.test_spec,
             "num_classes": ds.num_classes, "world_size": rt.world})
 
 

@@ -77,6 +77,9 @@ class TrainLoop:
     after_update: Callable[[int], None] | None = None  # e.g. an EMA update, after every optimizer step
     desc: str = "train"
     flops_per_image: float | None = None  # training FLOPs per image (forward + backward): tflops and mfu
+    # shown beside the merged hook values on the progress bar and log lines, never logged (e.g. the k-NN baselines,
+    # logged once by the entry point)
+    show: dict | None = None
 
     def fit(self) -> LoopResult:
         """Train from the session's start step to `run.steps` (or a stop signal); see the module docstring."""
@@ -230,11 +233,12 @@ class TrainLoop:
         values.update(merged or {})
         self.session.log(step, values)
         shown = "nan" if loss is None else f"{loss:.4f}"
-        self._shown.update({k: f"{v:.4f}" for k, v in (merged or {}).items() if isinstance(v, float)})
+        shown_too = {k: v for k, v in (self.show or {}).items() if isinstance(v, float)} if merged else {}
+        self._shown.update({k: f"{v:.4f}" for k, v in {**(merged or {}), **shown_too}.items() if isinstance(v, float)})
         bar.set_postfix(loss=shown, lr=f"{lr:.2e}", img_s=f"{values['images_per_sec']:.0f}", **self._shown)
         run = self.session.cfg.run
         if acc.is_main_process and not run.progress:  # plain lines for log files and pipes
-            more = "".join(f" {k} {v:.4f}" for k, v in (merged or {}).items() if isinstance(v, float))
+            more = "".join(f" {k} {v:.4f}" for k, v in {**(merged or {}), **shown_too}.items() if isinstance(v, float))
             print(f"step {step}/{run.steps} loss {shown} lr {lr:.3e} images/s {images_per_sec:.1f} data_wait "
                   f"{values['data_wait']:.2f}{more}", flush=True)
         return loss, worst

@@ -106,6 +106,15 @@ def build_classifier_from_meta(meta: dict) -> nn.Module:
         from .probe import ProbeClassifier
 
         cfg["img_size"] = img_size
+        head = meta.get("head", "linear")
+        if head == "attentive":
+            from .probe import AttentiveProbeClassifier
+
+            return AttentiveProbeClassifier(create_backbone(cfg), meta["num_classes"],
+                                            include_cls=bool(meta.get("include_cls", False)),
+                                            num_heads=meta.get("attn_heads"))
+        if head != "linear":
+            raise ValueError(f"unknown probe head {head!r} (expected 'linear' or 'attentive')")
         return ProbeClassifier(create_backbone(cfg), meta["num_classes"], pool=meta.get("pool", "token"))
     raise ValueError(f"unknown classifier kind {meta['kind']!r} (expected 'vit', 'distilled', 'cnn' or 'probe')")
 

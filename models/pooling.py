@@ -25,4 +25,11 @@ def encode(encoder: nn.Module, images: torch.Tensor, pool: str) -> torch.Tensor:
     return pool_tokens(tokens, pool, getattr(encoder, "num_prefix_tokens", 1))
 
 
-__all__ = ["pool_tokens", "encode"]
+def patch_tokens(encoder: nn.Module, images: torch.Tensor, include_prefix: bool = False) -> torch.Tensor:
+    """Tokens of a batch after the final norm: `[N, L, D]` patch tokens, or `[N, prefix+L, D]` with the CLS (and any
+    register) tokens first when `include_prefix` (what the attentive probe attends over)."""
+    tokens = encoder.forward_features(images)  # [N, prefix+L, D]
+    return tokens if include_prefix else tokens[:, getattr(encoder, "num_prefix_tokens", 1):]  # [N, L, D]
+
+
+__all__ = ["pool_tokens", "encode", "patch_tokens"]

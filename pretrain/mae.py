@@ -42,7 +42,7 @@ from launch.checkpoint import export_state_dict, frozen_parameters, model_finger
 from launch.config import parse_cli
 from launch.corrupt_count import CorruptCount
 from launch.errors import cli
-from launch.knn_monitor import build_knn_monitor, neighbour_split
+from launch.knn_monitor import build_knn_monitor, knn_summary, neighbour_split
 from launch.loop import Hook, TrainLoop
 from launch.param_groups import build_adamw, param_groups
 from launch.session import Runtime, Session, start_run
@@ -53,6 +53,7 @@ from models.convert import save_encoder, save_weights, to_encoder_state_dict
 from models.data2vec import EmaTeacher
 from models.masking import sample_noise
 from models.objectives import create_pretrainer, predicts_pixels, pretrain_flops_per_image
+from pictures.knn_curve import save_knn_curve_of_run
 from pictures.recon_grid import save_reconstruction_grid
 from pretrain.config import PretrainConfig
 
@@ -208,11 +209,11 @@ def summary(cfg, rt: Runtime, model, info, peak_lr, flops, start_step) -> str:
     ])
 
 
-def knn_hook(cfg: PretrainConfig, rt: Runtime, raw_model) -> list[Hook]:
-    """The k-NN monitor as a loop hook (every `run.eval_every` steps and at the end, in the step's metrics record),
-    or none: `knn.enabled=false`, or no labelled bank/query split (said in one line)."""
+def knn_hook(cfg: PretrainConfig, rt: Runtime, raw_model) -> tuple[list[Hook], object]:
+    """The k-NN monitor as a loop hook (every `run.eval_every` steps and at the end, in the step's metrics record)
+    and the monitor, or none: `knn.enabled=false`, or no labelled bank/query split (said in one line)."""
     if not cfg.knn.enabled:
-        return []
+        return [], None
     k = cfg.knn
     monitor, note = build_knn_monitor(
         bank=k.bank, query=k.query, train=cfg.data.train, accelerator=rt.accelerator,
@@ -221,7 +222,29 @@ def knn_hook(cfg: PretrainConfig, rt: Runtime, raw_model) -> list[Hook]:
         num_workers=cfg.data.num_workers if cfg.data.loader == "stream" else 0, dtype=rt.dtype, k=k.k,
         temperature=k.temperature, pool=cfg.model.pool)
     rt.say(note)
-    return [Hook(cfg.run.eval_every, monitor, at_end=True, merge=True)] if monitor is not None else []
+    return ([Hook(cfg.run.eval_every, monitor, at_end=True, merge=True)] if monitor is not None else []), monitor
+
+
+def knn_baselines(monitor, session: Session, raw) -> dict:
+    """The monitor's yardsticks, on the same bank and queries: the encoder at initialisation and raw pixels; computed
+    once by a fresh run (logged at step 0), read back from RUN_DIR/knn_baselines.json by a resumed one."""
+    if monitor is None:
+        return {}
+    values = monitor.baselines(session.run_dir, None if session.resumed else raw.encoder)
+    if not session.resumed:
+        session.log(0, values)
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if v is not None)
+    session.rt.say(f"knn: baselines {shown}")
+    return values
+
+
+def knn_end(monitor, session: Session, baselines: dict) -> None:
+    """At the end: one line saying how far the encoder's features are from each baseline, and the k-NN curve with
+    the baselines drawn as lines (RUN_DIR/knn_curve.png)."""
+    if monitor is None or monitor.last_top1 is None or not session.rt.is_main:
+        return
+    session.rt.say(knn_summary(monitor.last_top1, monitor.init_top1, baselines.get("knn_top1_pixels")))
+    session.rt.say(f"knn: curve in {save_knn_curve_of_run(session.run_dir)}")
 
 
 def build(cfg: PretrainConfig, rt: Runtime):
@@ -294,12 +317,15 @@ def train(cfg: PretrainConfig) -> dict:
 
         batches = device_batches(loader, rt.device, mean=cfg.data.mean, std=cfg.data.std, dtype=rt.dtype,
                                  pin_memory=cfg.data.pin_memory, prefetch=cfg.data.prefetch)
+        knn, monitor = knn_hook(cfg, rt, raw)
+        baselines = knn_baselines(monitor, session, raw)
         result = TrainLoop(session, model, optimizer, step_fn, batches, peak_lr,
-                           hooks=[Hook(cfg.run.eval_every, picture), *knn_hook(cfg, rt, raw)], log_extra=log_extra,
-                           desc="pretrain", flops_per_image=flops["train"],
+                           hooks=[Hook(cfg.run.eval_every, picture), *knn], log_extra=log_extra,
+                           desc="pretrain", flops_per_image=flops["train"], show=baselines,
                            after_update=(lambda step: teacher.update(raw.encoder, step)) if teacher else None).fit()
         if result.stopped_by:
             return session.stopped(result)
+        knn_end(monitor, session, baselines)
         return export(cfg, rt, session, model, raw, result, frozen, teacher, vis_images)
 
 

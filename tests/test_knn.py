@@ -114,9 +114,11 @@ def test_monitor_logs_knn_top1_in_the_step_record(tiny_data, tmp_path, capsys):
     mae.main(knn_args(tmp_path, tiny_data, "run.eval_every=3", "knn.bank_size=20", "knn.query_size=10"))
     assert "knn: bank 20 images" in capsys.readouterr().out
     records = read_metrics(tmp_path / "metrics.jsonl")
-    assert [r["step"] for r in records] == [1, 2, 3, 4]  # one record per step: knn_top1 joins the loss record
-    assert [r["step"] for r in records if "knn_top1" in r] == [3, 4]  # every 3 steps and at the end
-    assert all("loss" in r for r in records)
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4]  # the baselines at step 0, then one record per step
+    assert set(records[0]) == {"step", "knn_top1_init", "knn_top1_pixels"}
+    records = records[1:]
+    assert [r["step"] for r in records if "knn_top1" in r] == [3, 4]  # every 3 steps and at the end: knn_top1 joins
+    assert all("loss" in r for r in records)  # the loss record
     assert records[-1]["knn_top1"] == pytest.approx(recompute_top1(tmp_path, tiny_data, 20, 10), abs=1e-12)
 
 
