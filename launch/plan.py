@@ -1,0 +1,410 @@
+"""`--plan`: a run's speed, wall-clock, memory and bottleneck, predicted before it is launched.
+
+    python pretrain/mae.py --plan                                     # the default run, planned on this machine
+    python pretrain/mae.py pretrain/configs/cifar10_cpu.yaml data.train=/data/cifar10-wds --plan
+    python finetune/classify.py encoder=runs/pretrain/encoder.safetensors --plan --plan-max-batch
+    python pretrain/mae.py pretrain/configs/in1k_vit_base.yaml data.train=/data/in1k --plan \
+        --plan-for H100x8 --plan-for A100x8 --plan-price 2.50 --plan-world 8
+
+Every training entry point takes `--plan` after the same config files and `key=value` overrides as the run itself
+(`launch/config.parse_cli` hands them here). The plan
+1. times the training loader alone for a few seconds, with the run's worker count (the entry point's `plan_loader`);
+2. runs the entry point's own `main()` in this process on synthetic batches (`data.loader=synthetic`), 5 warm-up and
+   `--plan-steps` timed steps in log windows of 5 (compilation included when the run compiles), one evaluation step
+   in the middle (`run.eval_every`: the k-NN monitor and pictures, or the test evaluation), the final checkpoint and
+   the exports, into a temporary run directory, and reads the loop's own log records back (launch/plan_measure.py);
+3. predicts (launch/plan_math.py): the bound (step or loader) and the `data_wait` the loop will log, the wall-clock
+   of `run.steps` (start-up, steps, warm-up, evaluations at `run.eval_every`, checkpoints at `run.save_every`, the
+   end), FLOPs and MFU, and with `--plan-for NAME[xN]` the same for machines that were not measured;
+4. prints it, every figure tagged [measured] or [predicted], and writes it as JSON (`RUN_DIR/plan.json`,
+   launch/plan_report.py). Nothing of the run directory but plan.json is touched.
+
+It runs in one process (`python ...`, not a multi-process launch); `--plan-world N` plans the config for N processes
+(each gets the micro-batch `data.global_batch / (N x accumulation)`), assuming they scale perfectly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from core.errors import ConfigError, UserError
+from launch import plan_math as pm
+from launch import run_files
+from launch.config import applicable_values, load_config
+from launch.hardware import PEAK_TFLOPS, device_name, peak_tflops, precision_name
+from launch.metrics import json_safe
+from launch.plan_measure import (
+    LoaderPlace,
+    fits,
+    largest_micro_batch,
+    machine,
+    memory_budget,
+    process_age,
+    run_entry,
+    time_loader,
+    window_stats,
+)
+from launch.plan_report import FORMAT, render
+from launch.sections import resolve_batch
+from models.compile import compile_enabled
+
+WINDOW = 5  # steps per log window; the first window is the warm-up
+DEFAULT_TIMED_STEPS = 15
+DEFAULT_LOADER_SECONDS = 5.0
+DEFAULT_MFU = 0.30
+MFU_WHY = ("assumed, --plan-mfu: published MAE pretraining ran at 29-30% (MAE paper, TPU v3) and at most 37% "
+           "(DailyMAE, A100)")
+SMALL_MODEL_FLOPS = 5e9  # training FLOPs per image below which a large GPU is not FLOP-bound
+PROBE_BATCHES = 3  # micro-batches of a memory probe (the first includes the allocator's warm-up)
+TARGET_RE = re.compile(r"^(?P<name>.+?)(?:[x:](?P<count>\d+))?$")
+
+
+def options(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The `--plan*` options, and the rest of `argv` (config files and overrides) for the run itself."""
+    p = argparse.ArgumentParser(prog="--plan", add_help=False, allow_abbrev=False)
+    p.add_argument("--plan", action="store_true")
+    p.add_argument("--plan-steps", type=int, default=DEFAULT_TIMED_STEPS,
+                   help=f"timed steps (rounded up to windows of {WINDOW}; 5 warm-up steps come first)")
+    p.add_argument("--plan-loader-sec", type=float, default=DEFAULT_LOADER_SECONDS,
+                   help="seconds of the loader timed alone")
+    p.add_argument("--plan-world", type=int, default=1, help="processes the run will have (batch arithmetic)")
+    p.add_argument("--plan-max-batch", action="store_true", help="find the largest micro-batch that fits")
+    p.add_argument("--plan-for", action="append", default=[], metavar="NAME[xN]",
+                   help="predict N devices of NAME (H100, H200, A100, ..., or cpu: machines like this one)")
+    p.add_argument("--plan-mfu", type=float, default=DEFAULT_MFU, help="model FLOP utilisation for --plan-for GPUs")
+    p.add_argument("--plan-cores", type=int, default=None,
+                   help="loader cores per process on the --plan-for machines (default: data.num_workers)")
+    p.add_argument("--plan-price", type=float, default=None, help="price per device-hour, for the cost")
+    p.add_argument("--plan-out", default=None, help=f"the JSON (default: RUN_DIR/{run_files.PLAN})")
+    p.add_argument("--plan-help", action="store_true", help="these options")
+    opts, rest = p.parse_known_args(argv)
+    if opts.plan_help or any(a in ("-h", "--help") for a in rest):
+        print(p.format_help())
+        raise SystemExit(0)
+    stray = [a for a in rest if a.startswith("--plan")]
+    if stray:
+        raise ConfigError(f"unknown planning option {stray[0]} (--plan-help lists them)")
+    if opts.plan_steps < 1 or opts.plan_world < 1 or opts.plan_loader_sec <= 0 or not 0 < opts.plan_mfu <= 1:
+        raise ConfigError("--plan-steps and --plan-world must be >= 1, --plan-loader-sec > 0, --plan-mfu in (0, 1]")
+    return opts, rest
+
+
+def plan_cli(cls: type, argv: list[str], prog: str) -> int:
+    """`prog ... --plan`: print the plan and write its JSON; a user error is one line (exit code 2)."""
+    from launch.errors import EXIT_USER_ERROR, report
+
+    try:
+        opts, rest = options(argv)
+        plan = make_plan(cls, prog, rest, opts)
+    except UserError as exc:
+        report(prog, str(exc))
+        return EXIT_USER_ERROR
+    out = Path(opts.plan_out or Path(load_config(cls, rest).run.output_dir) / run_files.PLAN)
+    write_plan(plan, out)
+    print(render(plan))
+    print(f"plan written to {out}")
+    return 0
+
+
+def write_plan(plan: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(json_safe(plan), indent=1, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def entry_module(prog: str):
+    """The entry point's module (`pretrain/mae.py` -> pretrain.mae); it must offer `plan_loader`."""
+    module = importlib.import_module(prog.removesuffix(".py").replace("/", "."))
+    if not hasattr(module, "plan_loader"):
+        raise ConfigError(f"--plan: {prog} is not a training entry point (pretrain/mae.py, finetune/classify.py, "
+                          f"finetune/linprobe.py)")
+    return module
+
+
+def run_device() -> torch.device:
+    """The device Accelerate will pick for one process."""
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
+
+
+def start_step(run) -> int:
+    """The step the run would resume at (its newest complete checkpoint), else 0."""
+    from launch.checkpoint import complete_checkpoints
+
+    done = complete_checkpoints(Path(run.output_dir) / run_files.CHECKPOINTS) if run.resume else []
+    return min(done[-1][0], run.steps) if done else 0
+
+
+def run_values(cls: type, args: list[str], overrides: list[str], micro: int) -> dict:
+    """The user's values with `overrides`, less what no longer applies, the micro-batch stated outright."""
+    values = applicable_values(cls, [*args, *overrides])
+    data = values.setdefault("data", {})
+    data.pop("global_batch", None)
+    data["micro_batch"] = micro
+    return values
+
+
+def run_with(module, cls, args: list[str], overrides: list[str], micro: int, folder: Path, device: torch.device,
+             limit: int | None = None):
+    """The entry point's main on the user's config plus `overrides`, in `folder` (launch/plan_measure.run_entry)."""
+    folder.mkdir(parents=True)
+    config = folder / "plan_run.yaml"
+    config.write_text(yaml.safe_dump(run_values(cls, args, [f"run.output_dir={folder / 'run'}", *overrides], micro)))
+    return run_entry(module, [str(config)], folder / "run", folder / "output.log", device, limit=limit)
+
+
+def make_plan(cls: type, prog: str, args: list[str], opts: argparse.Namespace) -> dict:
+    """Measure and predict (see the module docstring); the plan as a dict (launch/plan_report.py)."""
+    t_plan, age = time.perf_counter(), process_age()
+    cfg = load_config(cls, args)
+    module = entry_module(prog)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("--plan runs in one process: start it with python, not a multi-process launch "
+                          "(--plan-world N plans N processes)")
+    for spec in opts.plan_for:  # refused before anything is timed
+        target_spec(spec)
+    device, world, accum = run_device(), opts.plan_world, cfg.optim.grad_accum_steps
+    micro, global_batch = resolve_batch(cfg.data.micro_batch, cfg.data.global_batch, world, accum)
+    local_batch = micro * accum  # images per optimizer step of one process
+    cores = len(os.sched_getaffinity(0))
+    step_threads = torch.get_num_threads() if device.type == "cpu" else 1
+    notes: list[str] = []
+
+    loader = module.plan_loader(cfg, LoaderPlace(micro, 0, world, device))
+    loader_stats = None
+    if loader is not None:
+        workers = int(getattr(loader, "num_workers", 0))
+        loader_stats = time_loader(loader, seconds=opts.plan_loader_sec, workers=workers)
+        del loader
+    timed = -(-opts.plan_steps // WINDOW) * WINDOW
+    cadence = ["run.resume=false", "run.trackers=none", "run.progress=false", "run.save_every=0",
+               *(["data.loader=synthetic"] if loader_stats is not None else [])]
+    tmp = Path(tempfile.mkdtemp(prefix="tessera-plan-"))
+    try:
+        er = run_with(module, cls, args, [*cadence, f"run.steps={WINDOW + timed}", f"run.log_every={WINDOW}",
+                                          f"run.eval_every={timed}"], micro, tmp / "step", device)
+        search = None
+        if opts.plan_max_batch:
+            if cfg.__class__.__name__ == "LinprobeConfig" and getattr(cfg.probe, "cached", False):
+                notes.append("--plan-max-batch: the cached probe trains a linear head on features; its memory "
+                             "hardly depends on the micro-batch (not searched)")
+            else:
+                search = batch_search(module, cls, args, cadence, micro, accum, tmp, device)
+    except BaseException:
+        print(f"the planning run's output is kept in {tmp}")
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    ws = window_stats(er.records, window=WINDOW, global_batch=local_batch)
+    last = WINDOW + timed
+    hooks_total = sum(ws.hook_sec.values())
+    saves_total = sum(er.save_sec)
+    save_sec = er.save_sec[-1] if er.save_sec else 0.0
+    loop_sec = ws.loop_sec + hooks_total + saves_total
+    if er.first_batch_at is not None:
+        start_sec = age + er.first_batch_at
+        end_sec = max(0.0, er.wall_sec - er.first_batch_at - loop_sec)
+    else:  # no synthetic loader (the cached probe): start and end together
+        start_sec, end_sec = age + max(0.0, er.wall_sec - loop_sec), 0.0
+
+    step_rate, host_wait = ws.images_per_sec, min(ws.host_wait, 1.0)
+    loader_part, loader_in_run, workers = None, None, 0
+    if loader_stats is not None:
+        workers = loader_stats.workers
+        used = min(workers, cores) if workers else 1
+        per_core = loader_stats.images_per_sec / used
+        loader_in_run = (pm.loader_in_run(per_core, workers, cores, step_threads) if workers
+                         else loader_stats.images_per_sec)
+        loader_part = {"images_per_sec": loader_stats.images_per_sec, "per_core_images_per_sec": per_core,
+                       "workers": workers, "cores": used, "first_batch_sec": loader_stats.first_batch_sec,
+                       "batches": loader_stats.batches}
+        start_sec += loader_stats.first_batch_sec
+        if device.type == "cpu" and workers and step_threads + workers > cores:
+            notes.append(f"the step's {step_threads} thread(s) and {workers} loader worker(s) share {cores} cores: "
+                         f"the loader is predicted on the {max(1, cores - step_threads)} core(s) the step leaves")
+    b = pm.bound(step_rate, loader_in_run, workers, host_wait)
+    balance = (pm.cores_to_balance(step_rate, loader_part["per_core_images_per_sec"])
+               if loader_part and workers else None)
+
+    run = cfg.run
+    begin = start_step(run)
+    steps_left = run.steps - begin
+    evaluations = pm.count_evaluations(run.steps, run.eval_every) - (begin // run.eval_every if run.eval_every
+                                                                        else 0)
+    saves = pm.count_saves(run.steps, run.save_every) - (begin // run.save_every if run.save_every else 0)
+    wall = pm.WallClock(start_sec=start_sec, steps_sec=pm.steps_seconds(steps_left, local_batch, b.images_per_sec),
+                        warmup_sec=ws.warmup_extra_sec, evaluations=evaluations,
+                        evaluation_sec=ws.hook_sec.get(timed, 0.0), end_hooks_sec=ws.hook_sec.get(last, 0.0),
+                        saves=saves, save_sec=save_sec, end_sec=end_sec)
+
+    precision = precision_name(str(er.record.get("precision", "no")))
+    flops = er.record.get("flops_per_image")
+    here = device_name(device)
+    peak = peak_tflops(here, precision)
+    tflops = step_rate * flops / 1e12 if flops else None
+    mfu = tflops / peak if tflops and peak else None
+    num_samples = dataset_size(cfg)
+    budget = memory_budget(device)
+    if not flops:
+        notes.append("the FLOPs per image of this run are not counted (probe head, CNN or hybrid stem): no MFU and "
+                     "no FLOP-based prediction for other GPUs")
+    if world > 1:
+        notes.append(f"figures per process; {world} processes like this one are assumed to scale perfectly "
+                     f"(the gradient all-reduce is not measured)")
+    if cfg.__class__.__name__ == "LinprobeConfig" and getattr(cfg.probe, "cached", False):
+        notes.append("the probe trains on cached features: their extraction (both splits) is in the start-up; a run "
+                     "directory that already holds the cache starts faster")
+    if os.getloadavg()[0] > cores:
+        notes.append(f"the machine was busy while the plan timed it (load {os.getloadavg()[0]:.1f} on {cores} "
+                     f"cores): re-plan on a quiet machine for figures to rely on")
+    if begin:
+        notes.append(f"{run.output_dir} holds a checkpoint at step {begin}: the run resumes there")
+
+    targets = []
+    for spec in opts.plan_for:
+        target = predict_target(spec, cfg, opts, flops=flops, step_rate=step_rate, mfu_here=mfu, here=here,
+                                loader_part=loader_part, workers=workers, cores=cores, step_threads=step_threads,
+                                eval_sec=evaluations * wall.evaluation_sec + wall.end_hooks_sec, notes=notes)
+        if target is not None:
+            targets.append(target)
+
+    measured = {
+        "step": {"images_per_sec": step_rate, "step_sec": ws.step_sec, "warmup_extra_sec": ws.warmup_extra_sec,
+                 "host_wait": host_wait, "timed_steps": ws.timed_steps, "windows": ws.windows, "tflops": tflops,
+                 "mfu": mfu, "peak_tflops": peak},
+        "loader": loader_part,
+        "evaluation": {"mid_sec": wall.evaluation_sec, "end_hooks_sec": wall.end_hooks_sec},
+        "checkpoint_sec": save_sec, "start_sec": start_sec, "end_sec": end_sec,
+        "memory": {"kind": er.peak_kind, "peak_bytes": er.peak_bytes, "budget_bytes": budget,
+                   "fits": fits(er.peak_bytes, budget) if er.peak_bytes is not None else None},
+    }
+    predicted = {
+        "loader_in_run_images_per_sec": loader_in_run,
+        "bound": {"by": b.by, "images_per_sec": b.images_per_sec, "data_wait": b.data_wait,
+                  "loader_over_step": b.loader_over_step, "cores_to_balance": balance},
+        "wall_clock": {**{k: getattr(wall, k) for k in ("start_sec", "steps_sec", "warmup_sec", "evaluations",
+                                                        "evaluation_sec", "end_hooks_sec", "saves", "save_sec",
+                                                        "end_sec")}, "total_sec": wall.total_sec},
+        "run_tflop": flops * run.steps * global_batch / 1e12 if flops else None,
+        "targets": targets,
+    }
+    if search is not None:
+        section = measured if search.method == "search" else predicted
+        section["max_micro_batch"] = {"micro_batch": search.micro_batch, "method": search.method,
+                                      "probes": [list(p) for p in search.probes]}
+    measured["plan_sec"] = time.perf_counter() - t_plan
+    return {
+        "format": FORMAT, "entry": prog, "args": list(args), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                     time.gmtime()),
+        "machine": machine(),
+        "run": {"device": device.type, "precision": precision, "compile": compile_enabled(run.compile, device),
+                "world_size": world, "micro_batch": micro, "global_batch": global_batch, "grad_accum_steps": accum,
+                "steps": run.steps, "start_step": begin, "num_samples": num_samples,
+                "epochs": pm.epochs(run.steps, global_batch, num_samples),
+                "loader": loader_kind(cfg), "num_workers": cfg.data.num_workers, "eval_every": run.eval_every,
+                "evaluations": evaluations, "save_every": run.save_every, "saves": saves, "flops_per_image": flops},
+        "measured": measured, "predicted": predicted, "notes": notes,
+    }
+
+
+def loader_kind(cfg) -> str:
+    if getattr(getattr(cfg, "probe", None), "cached", False):
+        return "cached features"
+    return getattr(cfg.data, "loader", "stream")
+
+
+def dataset_size(cfg) -> int | None:
+    from data.info import DatasetError, resolve
+
+    try:
+        return resolve(cfg.data.train).num_samples
+    except DatasetError:
+        return None
+
+
+def batch_search(module, cls, args, cadence, micro, accum, tmp: Path, device: torch.device):
+    """The largest micro-batch that fits (launch/plan_measure.largest_micro_batch), by probes of a few steps."""
+    import gc
+
+    def probe(m: int) -> int | None:
+        try:
+            er = run_with(module, cls, args, [*cadence, "run.steps=1000", "run.log_every=1", "run.eval_every=0"], m,
+                          tmp / f"probe-{m}", device, limit=PROBE_BATCHES * accum)
+            return er.peak_bytes
+        except torch.OutOfMemoryError:
+            return None
+        finally:
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    return largest_micro_batch(probe, start=micro, budget=memory_budget(device), device_type=device.type)
+
+
+def target_spec(spec: str) -> tuple[str, int]:
+    """`H100x8` / `H100:8` / `A100` / `cpu` -> (name, count); a name without a known peak is refused."""
+    m = TARGET_RE.match(spec.strip())
+    name, count = m.group("name"), int(m.group("count") or 1)
+    if count < 1:
+        raise ConfigError(f"--plan-for {spec}: the count must be >= 1")
+    if name.lower() != "cpu" and all(peak_tflops(name, p) is None for p in ("bf16", "fp16", "fp32")):
+        known = ", ".join(k for k, _ in PEAK_TFLOPS)
+        raise ConfigError(f"--plan-for {spec}: no peak TFLOP/s known for {name} (known: {known}, and cpu for "
+                          f"machines like this one; launch/hardware.py holds the table)")
+    return name, count
+
+
+def predict_target(spec: str, cfg, opts, *, flops, step_rate: float, mfu_here, here: str,
+                   loader_part, workers: int, cores: int, step_threads: int, eval_sec: float,
+                   notes: list[str]) -> dict | None:
+    """One `--plan-for NAME[xN]`: step-bound rate from FLOPs at a stated utilisation (GPUs) or as measured here
+    (`cpu`), the loader from the measured per-core rate, hours, device-hours and cost."""
+    name, count = target_spec(spec)
+    micro, global_batch = resolve_batch(cfg.data.micro_batch, cfg.data.global_batch, count,
+                                        cfg.optim.grad_accum_steps)
+    if name.lower() == "cpu":
+        precision, peak, mfu, source, per_device = "fp32", None, None, "measured on this machine's CPU", step_rate
+        loader_cores = opts.plan_cores or (min(workers, max(1, cores - step_threads)) if workers else 1)
+    else:
+        precision = precision_name("bf16" if cfg.run.precision == "auto" else cfg.run.precision)  # auto: bf16 on GPUs
+        peak = peak_tflops(name, precision)
+        if peak is None:
+            raise ConfigError(f"--plan-for {spec}: no {precision} peak TFLOP/s known for {name}")
+        if not flops:
+            notes.append(f"--plan-for {spec}: skipped (no FLOP count for this run)")
+            return None
+        if mfu_here is not None and peak_tflops(here, precision) == peak and name.lower() in here.lower():
+            mfu, source = mfu_here, "measured by this plan on this GPU"
+        else:
+            mfu, source = opts.plan_mfu, MFU_WHY
+        per_device = pm.step_from_flops(flops, peak, mfu)
+        loader_cores = opts.plan_cores or max(workers, 1)
+        if flops < SMALL_MODEL_FLOPS and not any("small model" in n for n in notes):
+            notes.append(f"a small model ({flops / 1e9:.2f} GFLOP per training image) rarely reaches the stated MFU "
+                         f"on a large GPU (kernel launches, not FLOPs, limit it): read its GPU figures as upper bounds")
+    per_core = loader_part["per_core_images_per_sec"] if loader_part else None
+    t = pm.Target(name, count, per_device, loader_cores if per_core else 0, per_core)
+    # evaluations scale with the step's speed (an assumption: they are forward passes of the same model)
+    times = pm.target_time(t, steps=cfg.run.steps, global_batch=global_batch,
+                           evaluation_sec=eval_sec * step_rate / per_device, price=opts.plan_price)
+    return {"name": name, "count": count, "precision": precision, "peak_tflops": peak, "mfu": mfu,
+            "mfu_source": source, "micro_batch": micro, "global_batch": global_batch,
+            "step_images_per_sec": times["step_images_per_sec"], "loader_images_per_sec": times["loader_images_per_sec"],
+            "loader_cores": t.loader_cores, "bound": times["bound"], "images_per_sec": times["images_per_sec"],
+            "hours": times["hours"], "device_hours": times["device_hours"], "price_per_hour": opts.plan_price,
+            "cost": times["cost"]}
+
+
+__all__ = ["plan_cli", "make_plan", "options", "WINDOW", "DEFAULT_MFU", "MFU_WHY"]
