@@ -154,17 +154,19 @@ class TrainLoop:
                 self.after_update(step)
 
             last = step == run.steps
-            merged, own, t_hooks = {}, [], time.perf_counter()
-            for hook in self.hooks:  # all before the log: their time is left out of the window's clock
-                if hook.due(step, last):
+            merged, own = {}, []
+            due = [hook for hook in self.hooks if hook.due(step, last)]
+            if due:  # all before the log: their time is left out of the window's clock
+                t_hooks = time.perf_counter()
+                for hook in due:
                     values = hook.fn(step) or {}
                     if hook.merge:
                         merged.update(values)
                     elif values:
                         own.append(values)
-            hook_time = time.perf_counter() - t_hooks
-            self._hook_sec += hook_time
-            clock = (clock[0] + hook_time, clock[1])  # hook time is not training throughput
+                hook_time = time.perf_counter() - t_hooks
+                self._hook_sec += hook_time
+                clock = (clock[0] + hook_time, clock[1])  # hook time is not training throughput
             if step % run.log_every == 0 or last:  # the host reads the device counters here, and only here
                 loss, worst = self._log(step, lr, window, nf_total, nf_worst, clock, bar, merged)
                 if worst >= run.max_nonfinite:

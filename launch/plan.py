@@ -49,6 +49,7 @@ from launch.plan_measure import (
     fits,
     largest_micro_batch,
     machine,
+    matmul_tflops,
     memory_budget,
     process_age,
     run_entry,
@@ -252,7 +253,10 @@ def make_plan(cls: type, prog: str, args: list[str], opts: argparse.Namespace) -
     precision = precision_name(str(er.record.get("precision", "no")))
     flops = er.record.get("flops_per_image")
     here = device_name(device)
-    peak = peak_tflops(here, precision)
+    peak, peak_source = peak_tflops(here, precision), "the vendor's dense peak"
+    if peak is None and device.type == "cpu" and flops:
+        peak = matmul_tflops(torch.bfloat16 if precision == "bf16" else torch.float32)
+        peak_source = "a 1024^3 matmul measured on this CPU"
     tflops = step_rate * flops / 1e12 if flops else None
     mfu = tflops / peak if tflops and peak else None
     num_samples = dataset_size(cfg)
@@ -283,7 +287,7 @@ def make_plan(cls: type, prog: str, args: list[str], opts: argparse.Namespace) -
     measured = {
         "step": {"images_per_sec": step_rate, "step_sec": ws.step_sec, "warmup_extra_sec": ws.warmup_extra_sec,
                  "host_wait": host_wait, "timed_steps": ws.timed_steps, "windows": ws.windows, "tflops": tflops,
-                 "mfu": mfu, "peak_tflops": peak},
+                 "mfu": mfu, "peak_tflops": peak, "peak_source": peak_source if peak else None},
         "loader": loader_part,
         "evaluation": {"mid_sec": wall.evaluation_sec, "end_hooks_sec": wall.end_hooks_sec},
         "checkpoint_sec": save_sec, "start_sec": start_sec, "end_sec": end_sec,

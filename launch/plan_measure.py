@@ -302,6 +302,21 @@ def largest_micro_batch(probe: Callable[[int], int | None], *, start: int, budge
     return BatchSearch(good or None, "search", probes)
 
 
+def matmul_tflops(dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 5) -> float:
+    """This CPU's dense matmul rate (TFLOP/s) with the process's torch threads: the best of `repeats` n^3 products
+    after one warm-up (a ceiling: on a shared machine the best repeat is the least disturbed). The MFU reference for a
+    CPU, which has no vendor peak in launch/hardware.py."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(dtype) for _ in range(2))
+    best = float("inf")
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        if i:
+            best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e12
+
+
 def machine() -> dict:
     """This machine, as the plan states it: CPU model and cores, torch threads, memory, load, the GPU if any."""
     from launch.hardware import cpu_model
@@ -320,4 +335,4 @@ def process_age() -> float:
 
 __all__ = ["LoaderPlace", "ProbeEnd", "synthetic_batches", "timed_saves", "PeakMemory", "memory_budget", "fits",
            "EntryRun", "run_entry", "WindowStats", "window_stats", "LoaderStats", "time_loader", "BatchSearch",
-           "largest_micro_batch", "machine", "process_age", "FIT_SHARE", "GIB"]
+           "largest_micro_batch", "matmul_tflops", "machine", "process_age", "FIT_SHARE", "GIB"]

@@ -10,7 +10,7 @@ says (batch arithmetic, steps, epochs, evaluation and checkpoint cadence) and `m
              "start_step", "num_samples", "epochs", "loader", "num_workers", "eval_every", "evaluations", "save_every",
              "saves", "flops_per_image"},
      "measured": {"step": {"images_per_sec", "step_sec", "warmup_extra_sec", "host_wait", "timed_steps", "windows",
-                           "tflops", "mfu", "peak_tflops"},
+                           "tflops", "mfu", "peak_tflops", "peak_source"},
                   "loader": null | {"images_per_sec", "per_core_images_per_sec", "workers", "cores",
                                     "first_batch_sec", "batches"},
                   "evaluation": {"mid_sec", "end_hooks_sec"}, "checkpoint_sec", "start_sec", "end_sec",
@@ -51,7 +51,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                  "start_sec": NUMBER, "end_sec": NUMBER, "memory": (dict,), "plan_sec": NUMBER},
     "measured.step": {"images_per_sec": NUMBER, "step_sec": NUMBER, "warmup_extra_sec": NUMBER, "host_wait": NUMBER,
                       "timed_steps": (int,), "windows": (list,), "tflops": MAYBE_NUMBER, "mfu": MAYBE_NUMBER,
-                      "peak_tflops": MAYBE_NUMBER},
+                      "peak_tflops": MAYBE_NUMBER, "peak_source": (str, type(None))},
     "measured.loader": {"images_per_sec": NUMBER, "per_core_images_per_sec": NUMBER, "workers": (int,),
                         "cores": (int,), "first_batch_sec": NUMBER, "batches": (int,)},
     "measured.evaluation": {"mid_sec": NUMBER, "end_hooks_sec": NUMBER},
@@ -172,8 +172,8 @@ def render(plan: dict) -> str:
             lines.append(f"max batch   micro-batch {search['micro_batch']} fits ({how}: {probes})  [{tag}]")
     flops = run["flops_per_image"]
     if flops:
-        mfu = f", MFU {step['mfu']:.1%} of {step['peak_tflops']:g}" if step["mfu"] is not None else \
-            ", MFU - (no peak known for this device)"
+        mfu = (f", MFU {step['mfu']:.1%} of {step['peak_tflops']:.3g} TFLOP/s ({step['peak_source']})"
+               if step["mfu"] is not None else ", MFU - (no peak known for this device)")
         lines.append(f"FLOPs       {flops / 1e9:.3f} GFLOP per training image, {p['run_tflop']:,.1f} TFLOP for the run; "
                      f"{step['tflops']:.3f} TFLOP/s at the step's rate{mfu}  [measured]")
     lines.append(f"wall-clock  {duration(wc['total_sec'])} = start {wc['start_sec']:.1f} s + steps "

@@ -246,3 +246,28 @@ def test_documented_plan_command_runs_as_written(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "bound" in out.stdout and "wall-clock" in out.stdout
     assert check_plan(json.loads((tmp_path / "run" / "plan.json").read_text())) == []
+
+
+def test_compare_reads_the_run_in_the_plans_terms(tmp_path):
+    """launch/plan_compare.py: the run's windows after the first, time-weighted, and the bound they imply."""
+    from launch.plan_compare import compare, live_windows
+
+    # windows of 10 steps x 8 images: 80 images in 4 s (dropped), 2 s at data_wait 0.5, 1 s at data_wait 0.2
+    records = [{"step": 10, "images_per_sec": 20.0, "data_wait": 0.9, "hook_sec": 0.0},
+               {"step": 20, "images_per_sec": 40.0, "data_wait": 0.5, "hook_sec": 3.0},
+               {"step": 30, "images_per_sec": 80.0, "data_wait": 0.2}]
+    live = live_windows(records, global_batch=8)
+    assert live["images_per_sec"] == pytest.approx(160 / 3)
+    assert live["data_wait"] == pytest.approx((0.5 * 2 + 0.2 * 1) / 3)
+    assert live["hook_sec"] == {20: 3.0}
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "run.json").write_text(json.dumps({"global_batch": 8, "start_time": "2026-01-01T00:00:00+00:00",
+                                                   "end_time": "2026-01-01T00:01:40+00:00"}))
+    plan = {"predicted": {"bound": {"by": "loader", "images_per_sec": 50.0, "data_wait": 0.45},
+                          "wall_clock": {"total_sec": 110.0, "start_sec": 8.0}},
+            "measured": {"step": {"host_wait": 0.01}, "evaluation": {"mid_sec": 2.5}}}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    c = compare(tmp_path)
+    assert c["bound"] == ("loader", "loader")  # 0.4 live wait against a 0.01 floor
+    assert c["wall_sec"] == (102.0, 100.0)  # without --wall: run.json's span against the plan less its start-up
+    assert compare(tmp_path, wall=115.0)["wall_sec"] == (110.0, 115.0)
