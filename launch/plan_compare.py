@@ -23,6 +23,7 @@ from launch import run_files
 from launch.metrics import read_metrics
 
 LOADER_MARGIN = 0.05  # live data_wait above the step's own floor by more than this: the loader held the run back
+MIN_HOOK_SEC = 0.05  # hook seconds below this are a due hook that did nothing (the final step of a classifier run)
 
 
 def live_windows(records: list[dict], global_batch: int) -> dict:
@@ -37,7 +38,7 @@ def live_windows(records: list[dict], global_batch: int) -> dict:
     seconds = sum(s for _, s, _ in kept)
     return {"images_per_sec": sum(n for n, _, _ in kept) / seconds,
             "data_wait": sum(w * s for _, s, w in kept) / seconds,
-            "hook_sec": {r["step"]: r["hook_sec"] for r in logs if r.get("hook_sec")}}
+            "hook_sec": {r["step"]: r["hook_sec"] for r in logs if r.get("hook_sec", 0.0) >= MIN_HOOK_SEC}}
 
 
 def span_seconds(record: dict) -> float | None:

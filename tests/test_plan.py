@@ -156,6 +156,19 @@ def test_pretraining_plan_schema_and_figures(tmp_path, capsys):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # the plan runs elsewhere
 
 
+def test_max_batch_on_cpu_is_an_extrapolation_from_two_probes(tmp_path):
+    from pretrain import mae
+
+    out = tmp_path / "plan.json"
+    args = tiny_args(tmp_path / "run", steps=10) + ["knn.enabled=false"]
+    with pytest.raises(SystemExit):
+        mae.main([*args, "--plan", *QUICK, "--plan-max-batch", "--plan-out", str(out)])
+    plan = read_plan(out)
+    search = plan["predicted"]["max_micro_batch"]  # predicted, not measured: no probe ran out of memory
+    assert "max_micro_batch" not in plan["measured"] and search["method"] == "extrapolated"
+    assert [m for m, _ in search["probes"]] == [8, 16] and all(peak > 0 for _, peak in search["probes"])
+
+
 def test_finetuning_plan_counts_its_test_evaluations(tiny, tmp_path):
     from finetune import classify
 
