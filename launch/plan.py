@@ -33,6 +33,7 @@ import re
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,7 +46,11 @@ from launch.config import applicable_values, load_config
 from launch.hardware import PEAK_TFLOPS, device_name, peak_tflops, precision_name
 from launch.metrics import json_safe
 from launch.plan_measure import (
+    BatchSearch,
+    EntryRun,
     LoaderPlace,
+    LoaderStats,
+    WindowStats,
     fits,
     largest_micro_batch,
     machine,
@@ -68,6 +73,7 @@ MFU_WHY = ("assumed, --plan-mfu: published MAE pretraining ran at 29-30% (MAE pa
            "(DailyMAE, A100)")
 SMALL_MODEL_FLOPS = 5e9  # training FLOPs per image below which a large GPU is not FLOP-bound
 PROBE_BATCHES = 3  # micro-batches of a memory probe (the first includes the allocator's warm-up)
+LONG_RUN = 100_000  # run.steps of the runs the plan ends early (their schedules do not end within the stretch)
 TARGET_RE = re.compile(r"^(?P<name>.+?)(?:[x:](?P<count>\d+))?$")
 
 
@@ -166,9 +172,61 @@ def run_with(module, cls, args: list[str], overrides: list[str], micro: int, fol
     return run_entry(module, [str(config)], folder / "run", folder / "output.log", device, limit=limit)
 
 
+@dataclass
+class Measured:
+    """What the plan timed (see the module docstring)."""
+
+    step: EntryRun  # the entry point on synthetic batches (or its own cached features)
+    windows: WindowStats  # its log windows
+    loader: LoaderStats | None  # the loader alone (None: nothing to time)
+    together: WindowStats | None  # the entry point with its real loader: step and loader sharing the machine
+    search: BatchSearch | None  # --plan-max-batch
+    age: float  # seconds from the process's start to the plan's (interpreter, imports)
+
+
+def measure(module, cls, cfg, args: list[str], opts, *, micro: int, world: int, device: torch.device,
+            notes: list[str]) -> Measured:
+    """The loader alone, the entry point on synthetic batches, then with its real loader, and the micro-batch search;
+    each in its own temporary run directory, in this order, one at a time."""
+    age, accum = process_age(), cfg.optim.grad_accum_steps
+    loader = module.plan_loader(cfg, LoaderPlace(micro, 0, world, device))
+    loader_stats = None
+    if loader is not None:
+        loader_stats = time_loader(loader, seconds=opts.plan_loader_sec,
+                                   workers=int(getattr(loader, "num_workers", 0)))
+        del loader
+    timed = -(-opts.plan_steps // WINDOW) * WINDOW
+    cadence = ["run.resume=false", "run.trackers=none", "run.progress=false", "run.save_every=0"]
+    synthetic = ["data.loader=synthetic"] if loader_stats is not None else []
+    tmp = Path(tempfile.mkdtemp(prefix="tessera-plan-"))
+    try:
+        step = run_with(module, cls, args, [*cadence, *synthetic, f"run.steps={WINDOW + timed}",
+                                            f"run.log_every={WINDOW}", f"run.eval_every={timed}"], micro,
+                        tmp / "step", device)
+        windows = window_stats(step.records, window=WINDOW, global_batch=micro * accum)
+        together = None
+        if loader_stats is not None:  # the same steps fed by the real loader, ended before anything else runs
+            run = run_with(module, cls, args, [*cadence, f"run.steps={LONG_RUN}", f"run.log_every={WINDOW}",
+                                               "run.eval_every=0"], micro, tmp / "together", device,
+                           limit=(WINDOW + timed) * accum + 1)
+            together = window_stats(run.records, window=WINDOW, global_batch=micro * accum)
+        search = None
+        if opts.plan_max_batch:
+            if cfg.__class__.__name__ == "LinprobeConfig" and getattr(cfg.probe, "cached", False):
+                notes.append("--plan-max-batch: the cached probe trains a linear head on features; its memory "
+                             "hardly depends on the micro-batch (not searched)")
+            else:
+                search = batch_search(module, cls, args, [*cadence, *synthetic], micro, accum, tmp, device)
+    except BaseException:
+        print(f"the planning runs' output is kept in {tmp}")
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
+    return Measured(step, windows, loader_stats, together, search, age)
+
+
 def make_plan(cls: type, prog: str, args: list[str], opts: argparse.Namespace) -> dict:
     """Measure and predict (see the module docstring); the plan as a dict (launch/plan_report.py)."""
-    t_plan, age = time.perf_counter(), process_age()
+    t_plan = time.perf_counter()
     cfg = load_config(cls, args)
     module = entry_module(prog)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -178,74 +236,63 @@ def make_plan(cls: type, prog: str, args: list[str], opts: argparse.Namespace) -
         target_spec(spec)
     device, world, accum = run_device(), opts.plan_world, cfg.optim.grad_accum_steps
     micro, global_batch = resolve_batch(cfg.data.micro_batch, cfg.data.global_batch, world, accum)
+    notes: list[str] = []
+    m = measure(module, cls, cfg, args, opts, micro=micro, world=world, device=device, notes=notes)
+    plan = predict(cfg, m, opts, prog=prog, args=args, device=device, micro=micro, world=world,
+                   global_batch=global_batch, notes=notes)
+    plan["measured"]["plan_sec"] = time.perf_counter() - t_plan
+    return plan
+
+
+def predict(cfg, m: Measured, opts, *, prog: str, args: list[str], device: torch.device, micro: int, world: int,
+            global_batch: int, notes: list[str]) -> dict:
+    """The plan (launch/plan_report.py) from the measurements."""
+    accum, run, ws, er = cfg.optim.grad_accum_steps, cfg.run, m.windows, m.step
     local_batch = micro * accum  # images per optimizer step of one process
     cores = len(os.sched_getaffinity(0))
     step_threads = torch.get_num_threads() if device.type == "cpu" else 1
-    notes: list[str] = []
-
-    loader = module.plan_loader(cfg, LoaderPlace(micro, 0, world, device))
-    loader_stats = None
-    if loader is not None:
-        workers = int(getattr(loader, "num_workers", 0))
-        loader_stats = time_loader(loader, seconds=opts.plan_loader_sec, workers=workers)
-        del loader
-    timed = -(-opts.plan_steps // WINDOW) * WINDOW
-    cadence = ["run.resume=false", "run.trackers=none", "run.progress=false", "run.save_every=0",
-               *(["data.loader=synthetic"] if loader_stats is not None else [])]
-    tmp = Path(tempfile.mkdtemp(prefix="tessera-plan-"))
-    try:
-        er = run_with(module, cls, args, [*cadence, f"run.steps={WINDOW + timed}", f"run.log_every={WINDOW}",
-                                          f"run.eval_every={timed}"], micro, tmp / "step", device)
-        search = None
-        if opts.plan_max_batch:
-            if cfg.__class__.__name__ == "LinprobeConfig" and getattr(cfg.probe, "cached", False):
-                notes.append("--plan-max-batch: the cached probe trains a linear head on features; its memory "
-                             "hardly depends on the micro-batch (not searched)")
-            else:
-                search = batch_search(module, cls, args, cadence, micro, accum, tmp, device)
-    except BaseException:
-        print(f"the planning run's output is kept in {tmp}")
-        raise
-    shutil.rmtree(tmp, ignore_errors=True)
-
-    ws = window_stats(er.records, window=WINDOW, global_batch=local_batch)
+    timed = ws.timed_steps
     last = WINDOW + timed
-    hooks_total = sum(ws.hook_sec.values())
-    saves_total = sum(er.save_sec)
     save_sec = er.save_sec[-1] if er.save_sec else 0.0
-    loop_sec = ws.loop_sec + hooks_total + saves_total
-    if er.first_batch_at is not None:
-        start_sec = age + er.first_batch_at
-        end_sec = max(0.0, er.wall_sec - er.first_batch_at - loop_sec)
-    else:  # no synthetic loader (the cached probe): start and end together
-        start_sec, end_sec = age + max(0.0, er.wall_sec - loop_sec), 0.0
+    loop_sec = ws.loop_sec + sum(ws.hook_sec.values()) + sum(er.save_sec)
+    start_sec = m.age + er.first_batch_at
+    end_sec = max(0.0, er.wall_sec - er.first_batch_at - loop_sec)
 
     step_rate, host_wait = ws.images_per_sec, min(ws.host_wait, 1.0)
     loader_part, loader_in_run, workers = None, None, 0
-    if loader_stats is not None:
-        workers = loader_stats.workers
+    if m.loader is not None:
+        workers = m.loader.workers
         used = min(workers, cores) if workers else 1
-        per_core = loader_stats.images_per_sec / used
+        per_core = m.loader.images_per_sec / used
         loader_in_run = (pm.loader_in_run(per_core, workers, cores, step_threads) if workers
-                         else loader_stats.images_per_sec)
-        loader_part = {"images_per_sec": loader_stats.images_per_sec, "per_core_images_per_sec": per_core,
-                       "workers": workers, "cores": used, "first_batch_sec": loader_stats.first_batch_sec,
-                       "batches": loader_stats.batches}
-        start_sec += loader_stats.first_batch_sec
+                         else m.loader.images_per_sec)
+        loader_part = {"images_per_sec": m.loader.images_per_sec, "per_core_images_per_sec": per_core,
+                       "workers": workers, "cores": used, "first_batch_sec": m.loader.first_batch_sec,
+                       "batches": m.loader.batches}
+        start_sec += m.loader.first_batch_sec
         if device.type == "cpu" and workers and step_threads + workers > cores:
             notes.append(f"the step's {step_threads} thread(s) and {workers} loader worker(s) share {cores} cores: "
                          f"the loader is predicted on the {max(1, cores - step_threads)} core(s) the step leaves")
-    b = pm.bound(step_rate, loader_in_run, workers, host_wait)
+    alone = pm.bound(step_rate, loader_in_run, workers, host_wait)
+    rate, data_wait, by, basis = alone.images_per_sec, alone.data_wait, alone.by, "step and loader alone"
+    together = None
+    if m.together is not None:
+        t = m.together
+        together = {"images_per_sec": t.images_per_sec, "data_wait": t.host_wait, "timed_steps": t.timed_steps,
+                    "windows": t.windows}
+        rate, data_wait, basis = t.images_per_sec, t.host_wait, "the run's steps with its loader, measured"
+        by = pm.live_bound(t.host_wait, host_wait)
+        if by != alone.by:
+            notes.append(f"alone, the {alone.by} is the slower side; together (sharing this machine's cores and "
+                         f"memory) the run waited like a {by}-bound run: the plan follows the run")
     balance = (pm.cores_to_balance(step_rate, loader_part["per_core_images_per_sec"])
                if loader_part and workers else None)
 
-    run = cfg.run
     begin = start_step(run)
-    steps_left = run.steps - begin
     evaluations = pm.count_evaluations(run.steps, run.eval_every) - (begin // run.eval_every if run.eval_every
                                                                         else 0)
     saves = pm.count_saves(run.steps, run.save_every) - (begin // run.save_every if run.save_every else 0)
-    wall = pm.WallClock(start_sec=start_sec, steps_sec=pm.steps_seconds(steps_left, local_batch, b.images_per_sec),
+    wall = pm.WallClock(start_sec=start_sec, steps_sec=pm.steps_seconds(run.steps - begin, local_batch, rate),
                         warmup_sec=ws.warmup_extra_sec, evaluations=evaluations,
                         evaluation_sec=ws.hook_sec.get(timed, 0.0), end_hooks_sec=ws.hook_sec.get(last, 0.0),
                         saves=saves, save_sec=save_sec, end_sec=end_sec)
@@ -261,6 +308,59 @@ def make_plan(cls: type, prog: str, args: list[str], opts: argparse.Namespace) -
     mfu = tflops / peak if tflops and peak else None
     num_samples = dataset_size(cfg)
     budget = memory_budget(device)
+    notes += situation_notes(cfg, flops=flops, world=world, cores=cores, begin=begin)
+
+    targets = []
+    for spec in opts.plan_for:
+        target = predict_target(spec, cfg, opts, flops=flops, step_rate=step_rate, here_rate=rate, mfu_here=mfu,
+                                here=here, loader_part=loader_part, workers=workers,
+                                eval_sec=evaluations * wall.evaluation_sec + wall.end_hooks_sec, notes=notes)
+        if target is not None:
+            targets.append(target)
+
+    measured = {
+        "step": {"images_per_sec": step_rate, "step_sec": ws.step_sec, "warmup_extra_sec": ws.warmup_extra_sec,
+                 "host_wait": host_wait, "timed_steps": ws.timed_steps, "windows": ws.windows, "tflops": tflops,
+                 "mfu": mfu, "peak_tflops": peak, "peak_source": peak_source if peak else None},
+        "loader": loader_part,
+        "together": together,
+        "evaluation": {"mid_sec": wall.evaluation_sec, "end_hooks_sec": wall.end_hooks_sec},
+        "checkpoint_sec": save_sec, "start_sec": start_sec, "end_sec": end_sec,
+        "memory": {"kind": er.peak_kind, "peak_bytes": er.peak_bytes, "budget_bytes": budget,
+                   "fits": fits(er.peak_bytes, budget) if er.peak_bytes is not None else None},
+    }
+    predicted = {
+        "loader_in_run_images_per_sec": loader_in_run,
+        "bound": {"by": by, "images_per_sec": rate, "data_wait": data_wait, "basis": basis,
+                  "alone_by": alone.by, "alone_images_per_sec": alone.images_per_sec,
+                  "loader_over_step": alone.loader_over_step, "cores_to_balance": balance},
+        "wall_clock": {**{k: getattr(wall, k) for k in ("start_sec", "steps_sec", "warmup_sec", "evaluations",
+                                                        "evaluation_sec", "end_hooks_sec", "saves", "save_sec",
+                                                        "end_sec")}, "total_sec": wall.total_sec},
+        "run_tflop": flops * run.steps * global_batch / 1e12 if flops else None,
+        "targets": targets,
+    }
+    if m.search is not None:
+        section = measured if m.search.method == "search" else predicted
+        section["max_micro_batch"] = {"micro_batch": m.search.micro_batch, "method": m.search.method,
+                                      "probes": [list(p) for p in m.search.probes]}
+    return {
+        "format": FORMAT, "entry": prog, "args": list(args), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                     time.gmtime()),
+        "machine": machine(),
+        "run": {"device": device.type, "precision": precision, "compile": compile_enabled(run.compile, device),
+                "world_size": world, "micro_batch": micro, "global_batch": global_batch, "grad_accum_steps": accum,
+                "steps": run.steps, "start_step": begin, "num_samples": num_samples,
+                "epochs": pm.epochs(run.steps, global_batch, num_samples),
+                "loader": loader_kind(cfg), "num_workers": cfg.data.num_workers, "eval_every": run.eval_every,
+                "evaluations": evaluations, "save_every": run.save_every, "saves": saves, "flops_per_image": flops},
+        "measured": measured, "predicted": predicted, "notes": notes,
+    }
+
+
+def situation_notes(cfg, *, flops, world: int, cores: int, begin: int) -> list[str]:
+    """What the reader of the plan should know about the figures' circumstances."""
+    notes = []
     if not flops:
         notes.append("the FLOPs per image of this run are not counted (probe head, CNN or hybrid stem): no MFU and "
                      "no FLOP-based prediction for other GPUs")
@@ -274,53 +374,8 @@ def make_plan(cls: type, prog: str, args: list[str], opts: argparse.Namespace) -
         notes.append(f"the machine was busy while the plan timed it (load {os.getloadavg()[0]:.1f} on {cores} "
                      f"cores): re-plan on a quiet machine for figures to rely on")
     if begin:
-        notes.append(f"{run.output_dir} holds a checkpoint at step {begin}: the run resumes there")
-
-    targets = []
-    for spec in opts.plan_for:
-        target = predict_target(spec, cfg, opts, flops=flops, step_rate=step_rate, mfu_here=mfu, here=here,
-                                loader_part=loader_part, workers=workers, cores=cores, step_threads=step_threads,
-                                eval_sec=evaluations * wall.evaluation_sec + wall.end_hooks_sec, notes=notes)
-        if target is not None:
-            targets.append(target)
-
-    measured = {
-        "step": {"images_per_sec": step_rate, "step_sec": ws.step_sec, "warmup_extra_sec": ws.warmup_extra_sec,
-                 "host_wait": host_wait, "timed_steps": ws.timed_steps, "windows": ws.windows, "tflops": tflops,
-                 "mfu": mfu, "peak_tflops": peak, "peak_source": peak_source if peak else None},
-        "loader": loader_part,
-        "evaluation": {"mid_sec": wall.evaluation_sec, "end_hooks_sec": wall.end_hooks_sec},
-        "checkpoint_sec": save_sec, "start_sec": start_sec, "end_sec": end_sec,
-        "memory": {"kind": er.peak_kind, "peak_bytes": er.peak_bytes, "budget_bytes": budget,
-                   "fits": fits(er.peak_bytes, budget) if er.peak_bytes is not None else None},
-    }
-    predicted = {
-        "loader_in_run_images_per_sec": loader_in_run,
-        "bound": {"by": b.by, "images_per_sec": b.images_per_sec, "data_wait": b.data_wait,
-                  "loader_over_step": b.loader_over_step, "cores_to_balance": balance},
-        "wall_clock": {**{k: getattr(wall, k) for k in ("start_sec", "steps_sec", "warmup_sec", "evaluations",
-                                                        "evaluation_sec", "end_hooks_sec", "saves", "save_sec",
-                                                        "end_sec")}, "total_sec": wall.total_sec},
-        "run_tflop": flops * run.steps * global_batch / 1e12 if flops else None,
-        "targets": targets,
-    }
-    if search is not None:
-        section = measured if search.method == "search" else predicted
-        section["max_micro_batch"] = {"micro_batch": search.micro_batch, "method": search.method,
-                                      "probes": [list(p) for p in search.probes]}
-    measured["plan_sec"] = time.perf_counter() - t_plan
-    return {
-        "format": FORMAT, "entry": prog, "args": list(args), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                     time.gmtime()),
-        "machine": machine(),
-        "run": {"device": device.type, "precision": precision, "compile": compile_enabled(run.compile, device),
-                "world_size": world, "micro_batch": micro, "global_batch": global_batch, "grad_accum_steps": accum,
-                "steps": run.steps, "start_step": begin, "num_samples": num_samples,
-                "epochs": pm.epochs(run.steps, global_batch, num_samples),
-                "loader": loader_kind(cfg), "num_workers": cfg.data.num_workers, "eval_every": run.eval_every,
-                "evaluations": evaluations, "save_every": run.save_every, "saves": saves, "flops_per_image": flops},
-        "measured": measured, "predicted": predicted, "notes": notes,
-    }
+        notes.append(f"{cfg.run.output_dir} holds a checkpoint at step {begin}: the run resumes there")
+    return notes
 
 
 def loader_kind(cfg) -> str:
@@ -344,7 +399,8 @@ def batch_search(module, cls, args, cadence, micro, accum, tmp: Path, device: to
 
     def probe(m: int) -> int | None:
         try:
-            er = run_with(module, cls, args, [*cadence, "run.steps=1000", "run.log_every=1", "run.eval_every=0"], m,
+            er = run_with(module, cls, args, [*cadence, f"run.steps={LONG_RUN}", "run.log_every=1",
+                                              "run.eval_every=0"], m,
                           tmp / f"probe-{m}", device, limit=PROBE_BATCHES * accum)
             return er.peak_bytes
         except torch.OutOfMemoryError:
@@ -370,17 +426,19 @@ def target_spec(spec: str) -> tuple[str, int]:
     return name, count
 
 
-def predict_target(spec: str, cfg, opts, *, flops, step_rate: float, mfu_here, here: str,
-                   loader_part, workers: int, cores: int, step_threads: int, eval_sec: float,
-                   notes: list[str]) -> dict | None:
+def predict_target(spec: str, cfg, opts, *, flops, step_rate: float, here_rate: float, mfu_here, here: str,
+                   loader_part, workers: int, eval_sec: float, notes: list[str]) -> dict | None:
     """One `--plan-for NAME[xN]`: step-bound rate from FLOPs at a stated utilisation (GPUs) or as measured here
     (`cpu`), the loader from the measured per-core rate, hours, device-hours and cost."""
     name, count = target_spec(spec)
     micro, global_batch = resolve_batch(cfg.data.micro_batch, cfg.data.global_batch, count,
                                         cfg.optim.grad_accum_steps)
-    if name.lower() == "cpu":
-        precision, peak, mfu, source, per_device = "fp32", None, None, "measured on this machine's CPU", step_rate
-        loader_cores = opts.plan_cores or (min(workers, max(1, cores - step_threads)) if workers else 1)
+    if name.lower() == "cpu":  # machines like this one: its predicted rate, loader included, per machine
+        precision, peak, mfu, source = "fp32", None, None, "this machine's rate, loader included"
+        t = pm.Target(name, count, here_rate, 0, None)
+        times = pm.target_time(t, steps=cfg.run.steps, global_batch=global_batch, evaluation_sec=eval_sec,
+                               price=opts.plan_price)
+        return target_row(t, precision, peak, mfu, source, micro, global_batch, times, opts.plan_price)
     else:
         precision = precision_name("bf16" if cfg.run.precision == "auto" else cfg.run.precision)  # auto: bf16 on GPUs
         peak = peak_tflops(name, precision)
@@ -403,11 +461,17 @@ def predict_target(spec: str, cfg, opts, *, flops, step_rate: float, mfu_here, h
     # evaluations scale with the step's speed (an assumption: they are forward passes of the same model)
     times = pm.target_time(t, steps=cfg.run.steps, global_batch=global_batch,
                            evaluation_sec=eval_sec * step_rate / per_device, price=opts.plan_price)
-    return {"name": name, "count": count, "precision": precision, "peak_tflops": peak, "mfu": mfu,
+    return target_row(t, precision, peak, mfu, source, micro, global_batch, times, opts.plan_price)
+
+
+def target_row(t: pm.Target, precision: str, peak, mfu, source: str, micro: int, global_batch: int, times: dict,
+               price) -> dict:
+    return {"name": t.name, "count": t.count, "precision": precision, "peak_tflops": peak, "mfu": mfu,
             "mfu_source": source, "micro_batch": micro, "global_batch": global_batch,
-            "step_images_per_sec": times["step_images_per_sec"], "loader_images_per_sec": times["loader_images_per_sec"],
+            "step_images_per_sec": times["step_images_per_sec"],
+            "loader_images_per_sec": times["loader_images_per_sec"],
             "loader_cores": t.loader_cores, "bound": times["bound"], "images_per_sec": times["images_per_sec"],
-            "hours": times["hours"], "device_hours": times["device_hours"], "price_per_hour": opts.plan_price,
+            "hours": times["hours"], "device_hours": times["device_hours"], "price_per_hour": price,
             "cost": times["cost"]}
 
 

@@ -5,7 +5,8 @@ figures beside the run's own, in the same terms:
 - images/s and `data_wait` over the run's log windows after the first (time-weighted: a window's seconds are its
   images over its images/s), against the plan's bound and predicted data_wait;
 - the bound each implies: the run waited for its loader when its data_wait exceeds the step's own floor (the plan's
-  `host_wait`, the share the loop counts as waiting with synthetic batches) by more than `LOADER_MARGIN`;
+  `host_wait`, the share the loop counts as waiting with synthetic batches) by more than
+  `launch.plan_math.LOADER_MARGIN`;
 - evaluation seconds (the run's `hook_sec` at its evaluation steps) against the plan's;
 - the wall-clock: `--wall` (e.g. from `/usr/bin/time`, process start to exit) against the plan's total; without it,
   run.json's start to end (the session's span: after start-up, before the process exits) against the plan's total
@@ -21,8 +22,8 @@ from pathlib import Path
 
 from launch import run_files
 from launch.metrics import read_metrics
+from launch.plan_math import live_bound
 
-LOADER_MARGIN = 0.05  # live data_wait above the step's own floor by more than this: the loader held the run back
 MIN_HOOK_SEC = 0.05  # hook seconds below this are a due hook that did nothing (the final step of a classifier run)
 
 
@@ -56,7 +57,7 @@ def compare(run_dir: Path, wall: float | None = None, plan_path: Path | None = N
     live = live_windows(read_metrics(run_dir / run_files.METRICS), int(record["global_batch"]))
     pred, floor = plan["predicted"], plan["measured"]["step"]["host_wait"]
     wc = pred["wall_clock"]
-    by_live = "loader" if live["data_wait"] - floor > LOADER_MARGIN else "step"
+    by_live = live_bound(live["data_wait"], floor)
     if wall is None:
         wall_pred, wall_live, what = wc["total_sec"] - wc["start_sec"], span_seconds(record), "run.json start to end"
     else:

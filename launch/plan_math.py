@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 
 LOADER, STEP = "loader", "step"
+LOADER_MARGIN = 0.05  # a data_wait above the step's own floor by more than this: the loader held the run back
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,11 @@ def bound(step_rate: float, loader_rate: float | None, workers: int, host_wait: 
     if loader_rate < step_rate:
         return Bound(loader_rate, LOADER, max(host_wait, 1 - ratio * (1 - host_wait)), ratio)
     return Bound(step_rate, STEP, host_wait, ratio)
+
+
+def live_bound(data_wait: float, host_wait: float) -> str:
+    """What bounded a run, read from its logged data_wait against the step's own floor (`host_wait`)."""
+    return LOADER if data_wait - host_wait > LOADER_MARGIN else STEP
 
 
 def cores_to_balance(step_rate: float, per_core: float) -> int:
@@ -124,5 +130,6 @@ def step_from_flops(flops_per_image: float, peak_tflops: float, mfu: float) -> f
     return mfu * peak_tflops * 1e12 / flops_per_image
 
 
-__all__ = ["Bound", "WallClock", "Target", "LOADER", "STEP", "count_evaluations", "count_saves", "loader_in_run",
-           "bound", "cores_to_balance", "steps_seconds", "epochs", "target_time", "step_from_flops"]
+__all__ = ["Bound", "WallClock", "Target", "LOADER", "STEP", "LOADER_MARGIN", "live_bound", "count_evaluations",
+           "count_saves", "loader_in_run", "bound", "cores_to_balance", "steps_seconds", "epochs", "target_time",
+           "step_from_flops"]

@@ -2,7 +2,8 @@
 peak memory, and the largest micro-batch that fits.
 
 * `run_entry(module, argv, log)`: the entry point's `main(argv)` in this process (its stdout into `log`), timed, with
-  each checkpoint save timed, the moment its first training batch is asked for, and the peak memory.
+  each checkpoint save timed, the moment its loop first asks for a batch, and the peak memory; with `limit` it ends
+  after that many batches (`ProbeEnd`: no final checkpoint, evaluation or export).
 * `window_stats(records, ...)`: the loop's own log windows (`images_per_sec`, `data_wait`, `hook_sec`) read back:
   the first window is the warm-up (compilation included when the run compiles), the others are timed.
 * `time_loader(loader, ...)`: the time to the first batch and the images/s after the workers' first batches.
@@ -16,6 +17,7 @@ peak memory, and the largest micro-batch that fits.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import threading
@@ -27,7 +29,6 @@ from pathlib import Path
 import psutil
 import torch
 
-from data.synthetic import SyntheticLoader
 from launch import run_files
 
 GIB = 2**30
@@ -44,27 +45,29 @@ class LoaderPlace:
 
 
 class ProbeEnd(Exception):  # noqa: N818 - the planned end of a probe run, not an error
-    """Raised by the synthetic loader once a probe run has had its batches (`synthetic_batches(limit=...)`)."""
+    """Raised when a short run has had its batches (`loop_batches(limit=...)`): it ends there, without the final
+    checkpoint, evaluation or export."""
 
 
 @contextlib.contextmanager
-def synthetic_batches(limit: int | None = None) -> Iterator[list[float]]:
-    """While inside: the perf_counter time of every batch the synthetic loader hands out (the list yielded), and
-    with `limit` a `ProbeEnd` instead of batch `limit + 1` (a probe run ends there: no final save or evaluation)."""
-    real, times = SyntheticLoader.__iter__, []
+def loop_batches(limit: int | None = None) -> Iterator[list[float]]:
+    """While inside: the perf_counter time at which the training loop asked for each batch (the list yielded), and
+    with `limit` a `ProbeEnd` instead of batch `limit + 1`."""
+    from launch.loop import TrainLoop
+
+    real, times = TrainLoop._next_batch, []
 
     def counted(self):
-        for batch in real(self):
-            if limit is not None and len(times) >= limit:
-                raise ProbeEnd(f"{limit} batches")
-            times.append(time.perf_counter())
-            yield batch
+        if limit is not None and len(times) >= limit:
+            raise ProbeEnd(f"{limit} batches")
+        times.append(time.perf_counter())
+        return real(self)
 
-    SyntheticLoader.__iter__ = counted
+    TrainLoop._next_batch = counted
     try:
         yield times
     finally:
-        SyntheticLoader.__iter__ = real
+        TrainLoop._next_batch = real
 
 
 @contextlib.contextmanager
@@ -163,7 +166,7 @@ def fits(peak: int, budget: int) -> bool:
 @dataclass
 class EntryRun:
     wall_sec: float  # main() from call to return
-    first_batch_at: float | None  # seconds from the call to the loop's first synthetic batch
+    first_batch_at: float | None  # seconds from the call to the loop's first request for a batch
     records: list[dict]  # metrics.jsonl
     record: dict  # run.json
     save_sec: list[float]
@@ -174,7 +177,7 @@ class EntryRun:
 def run_entry(module, argv: list[str], run_dir: Path, log: Path, device: torch.device,
               limit: int | None = None) -> EntryRun:
     """`module.main(argv)` in this process (see the module docstring); a probe (`limit`) ends at `ProbeEnd`."""
-    with (log.open("a") as out, contextlib.redirect_stdout(out), synthetic_batches(limit) as batches,
+    with (log.open("a") as out, contextlib.redirect_stdout(out), loop_batches(limit) as batches,
           timed_saves() as saves, PeakMemory(device) as peak):
         t0 = time.perf_counter()
         try:
@@ -183,6 +186,7 @@ def run_entry(module, argv: list[str], run_dir: Path, log: Path, device: torch.d
             if limit is None:
                 raise
         wall = time.perf_counter() - t0
+    gc.collect()  # an ended run's frames go, and with them its loader's worker processes
     metrics = run_dir / run_files.METRICS
     records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     record_path = run_dir / run_files.RUN_RECORD
@@ -333,6 +337,6 @@ def process_age() -> float:
     return max(0.0, time.time() - psutil.Process().create_time())
 
 
-__all__ = ["LoaderPlace", "ProbeEnd", "synthetic_batches", "timed_saves", "PeakMemory", "memory_budget", "fits",
+__all__ = ["LoaderPlace", "ProbeEnd", "loop_batches", "timed_saves", "PeakMemory", "memory_budget", "fits",
            "EntryRun", "run_entry", "WindowStats", "window_stats", "LoaderStats", "time_loader", "BatchSearch",
            "largest_micro_batch", "matmul_tflops", "machine", "process_age", "FIT_SHARE", "GIB"]

@@ -3,6 +3,9 @@
 Every figure sits under `measured` (timed on this machine by the plan) or `predicted` (computed from measured
 figures, or from FLOPs at a stated utilisation for machines that were not measured); `run` holds what the config
 says (batch arithmetic, steps, epochs, evaluation and checkpoint cadence) and `machine` where the plan ran.
+`measured.step` is the step alone (synthetic batches), `measured.loader` the loader alone, `measured.together` the
+run's own steps fed by its loader; `predicted.bound` names what bounds the run (from `together` when it was
+measured, else from the two alone) and the images/s the wall-clock uses.
 
     {"format": "tessera-plan/1", "entry": "pretrain/mae.py", "args": [...], "created": "...",
      "machine": {"cpu", "cpu_cores", "torch_threads", "memory_gb", "load_avg", "gpu"?},
@@ -13,12 +16,13 @@ says (batch arithmetic, steps, epochs, evaluation and checkpoint cadence) and `m
                            "tflops", "mfu", "peak_tflops", "peak_source"},
                   "loader": null | {"images_per_sec", "per_core_images_per_sec", "workers", "cores",
                                     "first_batch_sec", "batches"},
+                  "together": null | {"images_per_sec", "data_wait", "timed_steps", "windows"},
                   "evaluation": {"mid_sec", "end_hooks_sec"}, "checkpoint_sec", "start_sec", "end_sec",
                   "memory": {"kind": "device" | "rss", "peak_bytes", "budget_bytes", "fits"},
                   "max_micro_batch"?: {...}, "plan_sec"},
      "predicted": {"loader_in_run_images_per_sec",
-                   "bound": {"by": "step" | "loader", "images_per_sec", "data_wait", "loader_over_step",
-                             "cores_to_balance"},
+                   "bound": {"by": "step" | "loader", "images_per_sec", "data_wait", "basis", "alone_by",
+                             "alone_images_per_sec", "loader_over_step", "cores_to_balance"},
                    "wall_clock": {"start_sec", "steps_sec", "warmup_sec", "evaluations", "evaluation_sec",
                                   "end_hooks_sec", "saves", "save_sec", "end_sec", "total_sec"},
                    "run_tflop", "max_micro_batch"?: {...},
@@ -47,20 +51,23 @@ SCHEMA: dict[str, dict[str, tuple]] = {
             "num_samples": (int, type(None)), "epochs": MAYBE_NUMBER, "loader": (str,), "num_workers": (int,),
             "eval_every": (int,), "evaluations": (int,), "save_every": (int,), "saves": (int,),
             "flops_per_image": MAYBE_NUMBER},
-    "measured": {"step": (dict,), "loader": (dict, type(None)), "evaluation": (dict,), "checkpoint_sec": NUMBER,
+    "measured": {"step": (dict,), "loader": (dict, type(None)), "together": (dict, type(None)),
+                 "evaluation": (dict,), "checkpoint_sec": NUMBER,
                  "start_sec": NUMBER, "end_sec": NUMBER, "memory": (dict,), "plan_sec": NUMBER},
     "measured.step": {"images_per_sec": NUMBER, "step_sec": NUMBER, "warmup_extra_sec": NUMBER, "host_wait": NUMBER,
                       "timed_steps": (int,), "windows": (list,), "tflops": MAYBE_NUMBER, "mfu": MAYBE_NUMBER,
                       "peak_tflops": MAYBE_NUMBER, "peak_source": (str, type(None))},
     "measured.loader": {"images_per_sec": NUMBER, "per_core_images_per_sec": NUMBER, "workers": (int,),
                         "cores": (int,), "first_batch_sec": NUMBER, "batches": (int,)},
+    "measured.together": {"images_per_sec": NUMBER, "data_wait": NUMBER, "timed_steps": (int,), "windows": (list,)},
     "measured.evaluation": {"mid_sec": NUMBER, "end_hooks_sec": NUMBER},
     "measured.memory": {"kind": (str,), "peak_bytes": (int, type(None)), "budget_bytes": (int,),
                         "fits": (bool, type(None))},
     "predicted": {"loader_in_run_images_per_sec": MAYBE_NUMBER, "bound": (dict,), "wall_clock": (dict,),
                   "run_tflop": MAYBE_NUMBER, "targets": (list,)},
-    "predicted.bound": {"by": (str,), "images_per_sec": NUMBER, "data_wait": NUMBER,
-                        "loader_over_step": MAYBE_NUMBER, "cores_to_balance": (int, type(None))},
+    "predicted.bound": {"by": (str,), "images_per_sec": NUMBER, "data_wait": NUMBER, "basis": (str,),
+                        "alone_by": (str,), "alone_images_per_sec": NUMBER, "loader_over_step": MAYBE_NUMBER,
+                        "cores_to_balance": (int, type(None))},
     "predicted.wall_clock": {"start_sec": NUMBER, "steps_sec": NUMBER, "warmup_sec": NUMBER, "evaluations": (int,),
                              "evaluation_sec": NUMBER, "end_hooks_sec": NUMBER, "saves": (int,), "save_sec": NUMBER,
                              "end_sec": NUMBER, "total_sec": NUMBER},
@@ -89,7 +96,7 @@ def check_plan(plan: dict) -> list[str]:
         obj = plan
         for part in filter(None, section.split(".")):
             obj = obj.get(part) if isinstance(obj, dict) else None
-        if obj is None and section == "measured.loader":
+        if obj is None and section in ("measured.loader", "measured.together"):
             continue
         if not isinstance(obj, dict):
             problems.append(f"{section}: missing")
@@ -145,16 +152,17 @@ def render(plan: dict) -> str:
         lines.append(f"loader      {_rate(loader['images_per_sec'])} img/s alone with {loader['workers']} worker(s) "
                      f"on {loader['cores']} core(s) = {_rate(loader['per_core_images_per_sec'])} img/s per core; "
                      f"first batch after {loader['first_batch_sec']:.1f} s  [measured]")
-        lines.append(f"            {_rate(p['loader_in_run_images_per_sec'])} img/s beside the step (cores the step "
-                     f"leaves, one per worker)  [predicted]")
-    if b["by"] == "loader":
-        more = (f"; {b['cores_to_balance']} loader cores would keep up (data.num_workers)"
-                if b["cores_to_balance"] else "")
-        verdict = f"the LOADER bounds the run: {_rate(b['images_per_sec'])} img/s{more}"
-    else:
         ratio = f", loader at {b['loader_over_step']:.1f}x the step" if b["loader_over_step"] else ""
-        verdict = f"the STEP bounds the run: {_rate(b['images_per_sec'])} img/s{ratio}"
-    lines.append(f"bound       {verdict}; data_wait {b['data_wait']:.2f} (the share of each log window spent "
+        lines.append(f"            {_rate(p['loader_in_run_images_per_sec'])} img/s on the cores the step leaves (one "
+                     f"per worker): alone, the {b['alone_by']} is the slower side{ratio}  [predicted]")
+    tg = m.get("together")
+    if tg is not None:
+        lines.append(f"together    {_rate(tg['images_per_sec'])} img/s, data_wait {tg['data_wait']:.2f}: the run's "
+                     f"steps fed by its loader, {tg['timed_steps']} timed steps  [measured]")
+    more = (f"; {b['cores_to_balance']} loader cores would keep up with the step alone (data.num_workers)"
+            if b["by"] == "loader" and b["cores_to_balance"] else "")
+    lines.append(f"bound       the {b['by'].upper()} bounds the run: {_rate(b['images_per_sec'])} img/s "
+                 f"({b['basis']}){more}; data_wait {b['data_wait']:.2f} (the share of each log window spent "
                  f"waiting for a batch: compare the run's data_wait)  [predicted]")
     ev = m["evaluation"]
     lines.append(f"evaluation  {ev['mid_sec']:.1f} s per evaluation step, {ev['end_hooks_sec']:.1f} s of hooks at the "
@@ -174,8 +182,8 @@ def render(plan: dict) -> str:
     if flops:
         mfu = (f", MFU {step['mfu']:.1%} of {step['peak_tflops']:.3g} TFLOP/s ({step['peak_source']})"
                if step["mfu"] is not None else ", MFU - (no peak known for this device)")
-        lines.append(f"FLOPs       {flops / 1e9:.3f} GFLOP per training image, {p['run_tflop']:,.1f} TFLOP for the run; "
-                     f"{step['tflops']:.3f} TFLOP/s at the step's rate{mfu}  [measured]")
+        lines.append(f"FLOPs       {flops / 1e9:.3f} GFLOP per training image, {p['run_tflop']:,.1f} TFLOP for the "
+                     f"run; {step['tflops']:.3f} TFLOP/s at the step's rate{mfu}  [measured]")
     lines.append(f"wall-clock  {duration(wc['total_sec'])} = start {wc['start_sec']:.1f} s + steps "
                  f"{wc['steps_sec']:.1f} s + warm-up {wc['warmup_sec']:.1f} s + {wc['evaluations']} x "
                  f"{wc['evaluation_sec']:.1f} s evaluations + end hooks {wc['end_hooks_sec']:.1f} s + {wc['saves']} x "

@@ -149,7 +149,9 @@ def test_pretraining_plan_schema_and_figures(tmp_path, capsys):
     assert (h100["name"], h100["count"], h100["precision"], h100["mfu"]) == ("H100", 8, "fp32", 0.30)
     assert h100["global_batch"] == 64 and h100["step_images_per_sec"] == pytest.approx(
         8 * 0.30 * 494e12 / run["flops_per_image"])
-    assert cpu["step_images_per_sec"] == pytest.approx(m["step"]["images_per_sec"])
+    assert cpu["step_images_per_sec"] == pytest.approx(p["bound"]["images_per_sec"])  # this machine's, loader in
+    assert p["bound"]["images_per_sec"] == pytest.approx(m["together"]["images_per_sec"])  # the run with its loader
+    assert m["together"]["timed_steps"] == 5 and p["bound"]["data_wait"] == m["together"]["data_wait"]
     assert cpu["cost"] == pytest.approx(2 * cpu["device_hours"])
     text = capsys.readouterr().out
     assert "[measured]" in text and "[predicted]" in text and f"plan written to {out}" in text
@@ -194,7 +196,8 @@ def test_cached_probe_plan_has_no_loader(tiny, tmp_path):
     with pytest.raises(SystemExit):
         linprobe.main([*args, "--plan", *QUICK, "--plan-max-batch", "--plan-out", str(out)])
     plan = read_plan(out)
-    assert plan["measured"]["loader"] is None and plan["predicted"]["bound"]["by"] == "step"
+    assert plan["measured"]["loader"] is None and plan["measured"]["together"] is None
+    assert plan["predicted"]["bound"]["by"] == "step"
     assert any("cached features" in n for n in plan["notes"])
 
 
