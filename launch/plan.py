@@ -8,15 +8,20 @@
 
 Every training entry point takes `--plan` after the same config files and `key=value` overrides as the run itself
 (`launch/config.parse_cli` hands them here). The plan
-1. times the training loader alone for a few seconds, with the run's worker count (the entry point's `plan_loader`);
+1. times the training loader alone for a few seconds, with the run's worker count (the entry point's `plan_loader`):
+   the loader-bound images/s and its rate per core;
 2. runs the entry point's own `main()` in this process on synthetic batches (`data.loader=synthetic`), 5 warm-up and
    `--plan-steps` timed steps in log windows of 5 (compilation included when the run compiles), one evaluation step
    in the middle (`run.eval_every`: the k-NN monitor and pictures, or the test evaluation), the final checkpoint and
-   the exports, into a temporary run directory, and reads the loop's own log records back (launch/plan_measure.py);
-3. predicts (launch/plan_math.py): the bound (step or loader) and the `data_wait` the loop will log, the wall-clock
-   of `run.steps` (start-up, steps, warm-up, evaluations at `run.eval_every`, checkpoints at `run.save_every`, the
-   end), FLOPs and MFU, and with `--plan-for NAME[xN]` the same for machines that were not measured;
-4. prints it, every figure tagged [measured] or [predicted], and writes it as JSON (`RUN_DIR/plan.json`,
+   the exports, into a temporary run directory, and reads the loop's own log records back (launch/plan_measure.py):
+   the step-bound images/s, the evaluation, checkpoint, start-up and end seconds, the peak memory;
+3. runs it again on its real loader for the same steps, ended there (no evaluation, checkpoint or export): the two
+   together, sharing this machine's cores and memory bandwidth, which on a CPU box slows both (the figure the
+   wall-clock uses, and the `data_wait` the loop will log);
+4. predicts (launch/plan_math.py): the bound (step or loader), the wall-clock of `run.steps` (start-up, steps,
+   warm-up, evaluations at `run.eval_every`, checkpoints at `run.save_every`, the end), FLOPs and MFU, and with
+   `--plan-for NAME[xN]` the same for machines that were not measured (from the alone figures);
+5. prints it, every figure tagged [measured] or [predicted], and writes it as JSON (`RUN_DIR/plan.json`,
    launch/plan_report.py). Nothing of the run directory but plan.json is touched.
 
 It runs in one process (`python ...`, not a multi-process launch); `--plan-world N` plans the config for N processes
@@ -312,7 +317,7 @@ def predict(cfg, m: Measured, opts, *, prog: str, args: list[str], device: torch
 
     targets = []
     for spec in opts.plan_for:
-        target = predict_target(spec, cfg, opts, flops=flops, step_rate=step_rate, here_rate=rate, mfu_here=mfu,
+        target = predict_target(spec, cfg, opts, flops=flops, here_rate=rate, mfu_here=mfu,
                                 here=here, loader_part=loader_part, workers=workers,
                                 eval_sec=evaluations * wall.evaluation_sec + wall.end_hooks_sec, notes=notes)
         if target is not None:
@@ -426,7 +431,7 @@ def target_spec(spec: str) -> tuple[str, int]:
     return name, count
 
 
-def predict_target(spec: str, cfg, opts, *, flops, step_rate: float, here_rate: float, mfu_here, here: str,
+def predict_target(spec: str, cfg, opts, *, flops, here_rate: float, mfu_here, here: str,
                    loader_part, workers: int, eval_sec: float, notes: list[str]) -> dict | None:
     """One `--plan-for NAME[xN]`: step-bound rate from FLOPs at a stated utilisation (GPUs) or as measured here
     (`cpu`), the loader from the measured per-core rate, hours, device-hours and cost."""
@@ -434,33 +439,31 @@ def predict_target(spec: str, cfg, opts, *, flops, step_rate: float, here_rate: 
     micro, global_batch = resolve_batch(cfg.data.micro_batch, cfg.data.global_batch, count,
                                         cfg.optim.grad_accum_steps)
     if name.lower() == "cpu":  # machines like this one: its predicted rate, loader included, per machine
-        precision, peak, mfu, source = "fp32", None, None, "this machine's rate, loader included"
         t = pm.Target(name, count, here_rate, 0, None)
         times = pm.target_time(t, steps=cfg.run.steps, global_batch=global_batch, evaluation_sec=eval_sec,
-                               price=opts.plan_price)
-        return target_row(t, precision, peak, mfu, source, micro, global_batch, times, opts.plan_price)
+                               here_rate=here_rate, price=opts.plan_price)
+        return target_row(t, "fp32", None, None, "this machine's rate, loader included", micro, global_batch, times,
+                          opts.plan_price)
+    precision = precision_name("bf16" if cfg.run.precision == "auto" else cfg.run.precision)  # auto: bf16 on GPUs
+    peak = peak_tflops(name, precision)
+    if peak is None:
+        raise ConfigError(f"--plan-for {spec}: no {precision} peak TFLOP/s known for {name}")
+    if not flops:
+        notes.append(f"--plan-for {spec}: skipped (no FLOP count for this run)")
+        return None
+    if mfu_here is not None and peak_tflops(here, precision) == peak and name.lower() in here.lower():
+        mfu, source = mfu_here, "measured by this plan on this GPU"
     else:
-        precision = precision_name("bf16" if cfg.run.precision == "auto" else cfg.run.precision)  # auto: bf16 on GPUs
-        peak = peak_tflops(name, precision)
-        if peak is None:
-            raise ConfigError(f"--plan-for {spec}: no {precision} peak TFLOP/s known for {name}")
-        if not flops:
-            notes.append(f"--plan-for {spec}: skipped (no FLOP count for this run)")
-            return None
-        if mfu_here is not None and peak_tflops(here, precision) == peak and name.lower() in here.lower():
-            mfu, source = mfu_here, "measured by this plan on this GPU"
-        else:
-            mfu, source = opts.plan_mfu, MFU_WHY
-        per_device = pm.step_from_flops(flops, peak, mfu)
-        loader_cores = opts.plan_cores or max(workers, 1)
-        if flops < SMALL_MODEL_FLOPS and not any("small model" in n for n in notes):
-            notes.append(f"a small model ({flops / 1e9:.2f} GFLOP per training image) rarely reaches the stated MFU "
-                         f"on a large GPU (kernel launches, not FLOPs, limit it): read its GPU figures as upper bounds")
+        mfu, source = opts.plan_mfu, MFU_WHY
+    per_device = pm.step_from_flops(flops, peak, mfu)
+    loader_cores = opts.plan_cores or max(workers, 1)
+    if flops < SMALL_MODEL_FLOPS and not any("small model" in n for n in notes):
+        notes.append(f"a small model ({flops / 1e9:.2f} GFLOP per training image) rarely reaches the stated MFU "
+                     f"on a large GPU (kernel launches, not FLOPs, limit it): read its GPU figures as upper bounds")
     per_core = loader_part["per_core_images_per_sec"] if loader_part else None
     t = pm.Target(name, count, per_device, loader_cores if per_core else 0, per_core)
-    # evaluations scale with the step's speed (an assumption: they are forward passes of the same model)
-    times = pm.target_time(t, steps=cfg.run.steps, global_batch=global_batch,
-                           evaluation_sec=eval_sec * step_rate / per_device, price=opts.plan_price)
+    times = pm.target_time(t, steps=cfg.run.steps, global_batch=global_batch, evaluation_sec=eval_sec,
+                           here_rate=here_rate, price=opts.plan_price)
     return target_row(t, precision, peak, mfu, source, micro, global_batch, times, opts.plan_price)
 
 

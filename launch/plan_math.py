@@ -113,13 +113,16 @@ class Target:
     per_core: float | None  # the loader's measured images/s per core (this machine's cores)
 
 
-def target_time(t: Target, *, steps: int, global_batch: int, evaluation_sec: float, price: float | None) -> dict:
-    """Step- and loader-bound rates of `t`, what bounds it, hours of the steps plus `evaluation_sec`, device-hours
-    and their cost at `price` per device-hour (start-up not included)."""
+def target_time(t: Target, *, steps: int, global_batch: int, evaluation_sec: float, here_rate: float,
+                price: float | None) -> dict:
+    """Step- and loader-bound rates of `t`, what bounds it, hours of the steps plus the evaluations (`evaluation_sec`
+    measured here at `here_rate` images/s, scaled by the rate `t` reaches: they are forward passes over images that
+    go through a loader too), device-hours and their cost at `price` per device-hour (start-up not included)."""
     step_total = t.step_per_device * t.count
     loader_total = t.per_core * t.loader_cores * t.count if t.per_core else None
     b = bound(step_total, loader_total, t.loader_cores)
-    hours = (steps_seconds(steps, global_batch, b.images_per_sec) + evaluation_sec) / 3600
+    evaluations = evaluation_sec * here_rate / b.images_per_sec
+    hours = (steps_seconds(steps, global_batch, b.images_per_sec) + evaluations) / 3600
     return {"step_images_per_sec": step_total, "loader_images_per_sec": loader_total, "bound": b.by,
             "images_per_sec": b.images_per_sec, "hours": hours, "device_hours": hours * t.count,
             "cost": hours * t.count * price if price is not None else None}

@@ -189,14 +189,15 @@ def render(plan: dict) -> str:
                  f"{wc['evaluation_sec']:.1f} s evaluations + end hooks {wc['end_hooks_sec']:.1f} s + {wc['saves']} x "
                  f"{wc['save_sec']:.2f} s checkpoints + end {wc['end_sec']:.1f} s  [predicted]")
     for t in p["targets"]:
-        cost = f", {t['cost']:,.2f} at {t['price_per_hour']:g} per device-hour" if t["cost"] is not None else ""
+        cost = f", cost {t['cost']:,.3g} at {t['price_per_hour']:g} per device-hour" if t["cost"] is not None else ""
         mfu = (f" at {t['mfu']:.0%} MFU of {t['peak_tflops']:g} TFLOP/s {t['precision']} ({t['mfu_source']})"
                if t["peak_tflops"] else f" ({t['mfu_source']})")
         loader_part = (f", loader {_rate(t['loader_images_per_sec'])} img/s on {t['loader_cores']} core(s) per "
                        f"device" if t["loader_images_per_sec"] else "")
         lines.append(f"on {t['name']} x{t['count']}  step {_rate(t['step_images_per_sec'])} img/s{mfu}{loader_part}; "
                      f"{t['bound']} bound at {_rate(t['images_per_sec'])} img/s (global batch {t['global_batch']}): "
-                     f"{t['hours']:.2f} h, {t['device_hours']:.2f} device-hours{cost}  [predicted]")
+                     f"{duration(t['hours'] * 3600)} of steps and evaluations, {t['device_hours']:,.3g} "
+                     f"device-hours{cost}  [predicted]")
     lines += [f"note        {n}" for n in plan["notes"]]
     return "\n".join(lines)
 
