@@ -151,6 +151,7 @@ def test_pretraining_plan_schema_and_figures(tmp_path, capsys):
     assert h100["global_batch"] == 64 and h100["step_images_per_sec"] == pytest.approx(
         8 * 0.30 * 494e12 / run["flops_per_image"])
     assert cpu["step_images_per_sec"] == pytest.approx(p["bound"]["images_per_sec"])  # this machine's, loader in
+    assert cpu["bound"] == p["bound"]["by"]
     assert p["bound"]["images_per_sec"] == pytest.approx(m["together"]["images_per_sec"])  # the run with its loader
     assert m["together"]["timed_steps"] == 5 and p["bound"]["data_wait"] == m["together"]["data_wait"]
     assert cpu["cost"] == pytest.approx(2 * cpu["device_hours"])
