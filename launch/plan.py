@@ -172,13 +172,13 @@ def measure(module, cls, cfg, args: list[str], opts, *, micro: int, world: int, 
         step = run_with(module, cls, args, [*cadence, *synthetic, f"run.steps={WINDOW + timed}",
                                             f"run.log_every={WINDOW}", f"run.eval_every={timed}"], micro,
                         tmp / "step", device)
-        windows = window_stats(step.records, window=WINDOW, global_batch=micro * accum)
+        windows = window_stats(step.records, global_batch=micro * accum)
         together = None
         if loader_stats is not None:  # the same steps fed by the real loader, ended before anything else runs
             run = run_with(module, cls, args, [*cadence, f"run.steps={LONG_RUN}", f"run.log_every={WINDOW}",
                                                "run.eval_every=0"], micro, tmp / "together", device,
                            limit=(WINDOW + timed) * accum + 1)
-            together = window_stats(run.records, window=WINDOW, global_batch=micro * accum)
+            together = window_stats(run.records, global_batch=micro * accum)
         search = None
         if opts.plan_max_batch:
             if cfg.__class__.__name__ == "LinprobeConfig" and getattr(cfg.probe, "cached", False):

@@ -23,23 +23,16 @@ from pathlib import Path
 from launch import run_files
 from launch.metrics import read_metrics
 from launch.plan_math import live_bound
+from launch.plan_measure import window_stats
 
 MIN_HOOK_SEC = 0.05  # hook seconds below this are a due hook that did nothing (the final step of a classifier run)
 
 
 def live_windows(records: list[dict], global_batch: int) -> dict:
-    """images/s and data_wait over the log windows after the first, time-weighted; hook seconds."""
-    logs = [r for r in records if r.get("images_per_sec")]
-    windows, prev = [], 0  # (images, seconds, data_wait)
-    for r in logs:
-        images = (r["step"] - prev) * global_batch
-        windows.append((images, images / r["images_per_sec"], r["data_wait"]))
-        prev = r["step"]
-    kept = windows[1:] or windows
-    seconds = sum(s for _, s, _ in kept)
-    return {"images_per_sec": sum(n for n, _, _ in kept) / seconds,
-            "data_wait": sum(w * s for _, s, w in kept) / seconds,
-            "hook_sec": {r["step"]: r["hook_sec"] for r in logs if r.get("hook_sec", 0.0) >= MIN_HOOK_SEC}}
+    """images/s and data_wait over the log windows after the first, time-weighted; the hooks' seconds by step."""
+    ws = window_stats(records, global_batch=global_batch)
+    return {"images_per_sec": ws.images_per_sec, "data_wait": ws.host_wait,
+            "hook_sec": {step: sec for step, sec in ws.hook_sec.items() if sec >= MIN_HOOK_SEC}}
 
 
 def span_seconds(record: dict) -> float | None:

@@ -206,20 +206,22 @@ class WindowStats:
     windows: list[float]  # every window's images/s, the warm-up first
 
 
-def window_stats(records: list[dict], *, window: int, global_batch: int) -> WindowStats:
-    """The loop's log records of a run with `run.log_every = window` (see the module docstring)."""
-    logs = [r for r in records if "images_per_sec" in r]
-    if len(logs) < 2:
-        raise RuntimeError(f"the planning run logged {len(logs)} windows; it needs a warm-up window and a timed one")
-    secs, prev = [], 0
+def window_stats(records: list[dict], *, global_batch: int) -> WindowStats:
+    """A run's log windows read back from its records (see the module docstring); `global_batch` is the images of one
+    optimizer step of the process that logged them."""
+    logs = [r for r in records if r.get("images_per_sec")]
+    if not logs:
+        raise RuntimeError("no log windows to read: metrics.jsonl holds no images_per_sec record")
+    windows, prev = [], 0  # (steps, seconds, data_wait); the first is the warm-up, unless it is the only one
     for r in logs:
-        secs.append((r["step"] - prev) * global_batch / r["images_per_sec"])
+        windows.append((r["step"] - prev, (r["step"] - prev) * global_batch / r["images_per_sec"], r["data_wait"]))
         prev = r["step"]
-    timed_steps = logs[-1]["step"] - logs[0]["step"]
-    timed_sec = sum(secs[1:])
+    timed = windows[1:] or windows
+    timed_steps, timed_sec = sum(n for n, _, _ in timed), sum(t for _, t, _ in timed)
     rate = timed_steps * global_batch / timed_sec
-    wait = sum(r["data_wait"] * s for r, s in zip(logs[1:], secs[1:])) / timed_sec
-    warm = max(0.0, secs[0] - logs[0]["step"] * global_batch / rate)
+    wait = sum(w * t for _, t, w in timed) / timed_sec
+    warm = max(0.0, windows[0][1] - windows[0][0] * global_batch / rate)
+    secs = [t for _, t, _ in windows]
     hooks = {r["step"]: float(r.get("hook_sec") or 0.0) for r in logs}
     return WindowStats(rate, timed_sec / timed_steps, warm, wait, sum(secs), hooks, timed_steps,
                        [r["images_per_sec"] for r in logs])

@@ -89,7 +89,7 @@ def test_window_stats_by_hand():
                {"step": 10, "images_per_sec": 40.0, "data_wait": 0.2, "hook_sec": 3.0},
                {"step": 10, "test_top1": 50.0},
                {"step": 15, "images_per_sec": 80.0, "data_wait": 0.5, "hook_sec": 1.5}]
-    ws = window_stats(records, window=5, global_batch=8)
+    ws = window_stats(records, global_batch=8)
     assert ws.images_per_sec == pytest.approx(80 / 1.5)  # 10 timed steps x 8 images in 1.5 s
     assert ws.step_sec == pytest.approx(0.15)
     assert ws.host_wait == pytest.approx((0.2 * 1 + 0.5 * 0.5) / 1.5)
