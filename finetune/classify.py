@@ -115,6 +115,21 @@ def build_teacher(cfg: FinetuneConfig, rt: Runtime, ds: Downstream):
     return teacher, info
 
 
+def train_transform(cfg: FinetuneConfig, ds: Downstream):
+    """The fine-tuning augmentation: RandAugment (`aug.auto_augment`), random erasing (`aug.reprob`)."""
+    return finetune_transform(ds.img_size, ds.mean, ds.std, auto_augment=cfg.aug.auto_augment, reprob=cfg.aug.reprob,
+                              output=ds.output)
+
+
+def plan_loader(cfg: FinetuneConfig, place):
+    """The training loader `cfg` gives one process (`place`: micro_batch, rank, world, device), or None for
+    synthetic batches: what `--plan` times (launch/plan.py)."""
+    if cfg.data.loader == "synthetic":
+        return None
+    ds = resolve_downstream(cfg)
+    return ds.train_loader(place, cfg.data, train_transform(cfg, ds), cfg.run.seed)
+
+
 def step_function(cfg: FinetuneConfig, rt: Runtime, model, ds: Downstream, teacher, start_step: int):
     """(step_fn, log_extra or None): mixup/cutmix, random erasing on the device (seeded by the micro-step, so a
     resumed run erases the same boxes), the loss; with a teacher, the distillation loss and its parts for the log."""
@@ -169,9 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     with Session(rt, cfg, name="finetune", fingerprint=fingerprint, record=record) as session:
         if ema is not None:
             session.register("ema", ema)
-        tf = finetune_transform(ds.img_size, ds.mean, ds.std, auto_augment=cfg.aug.auto_augment,
-                                reprob=cfg.aug.reprob, output=ds.output)
-        batches = ds.train_batches(rt, session, cfg.data, tf, cfg.run.seed)
+        batches = ds.train_batches(rt, session, cfg.data, train_transform(cfg, ds), cfg.run.seed)
         kind = "distilled" if cfg.distill.active else "cnn" if "cnn" in enc_cfg else "vit"
         timm_name, timm_kwargs = timm_args(enc_cfg, ds.num_classes, cfg.model.pool, distilled=cfg.distill.active)
         meta = {**ds.meta(kind, enc_cfg, cfg.model.pool), "timm": {"name": timm_name, "kwargs": timm_kwargs},

@@ -59,20 +59,23 @@ class Downstream:
                                    world_size=rt.world, num_workers=num_workers)
         return device_batches(loader, rt.device, mean=self.mean, std=self.std, dtype=rt.dtype), len(loader)
 
-    def train_batches(self, rt, session, data, transform, seed: int):
-        """The training stream of `data.train` (or random images with `data.loader=synthetic`), registered with the
-        session (its position is saved and restored), as device batches."""
+    def train_loader(self, rt, data, transform, seed: int):
+        """The training stream of `data.train` for the process `rt` (micro_batch, rank, world, device), or random
+        images with `data.loader=synthetic`; the micro-batch checked against the split and the memory first."""
         check_micro_batch(rt.micro_batch, self.train.num_samples if data.loader == "stream" else None,
                           (len(self.mean), self.img_size, self.img_size),
                           data.num_workers if data.loader == "stream" else 0, world_size=rt.world,
                           dtype="uint8" if self.output == "uint8" or data.loader != "stream" else "float32")
         if data.loader == "synthetic":
-            loader = SyntheticLoader(batch_size=rt.micro_batch, channels=len(self.mean), img_size=self.img_size,
-                                     num_classes=self.num_classes, seed=seed, rank=rt.rank, world_size=rt.world)
-        else:
-            loader = build_train_loader(self.train_spec, batch_size=rt.micro_batch, transform=transform, seed=seed,
-                                        rank=rt.rank, world_size=rt.world, num_workers=data.num_workers,
-                                        shuffle_buffer=data.shuffle_buffer, pin_memory=self.pin(rt, data))
+            return SyntheticLoader(batch_size=rt.micro_batch, channels=len(self.mean), img_size=self.img_size,
+                                   num_classes=self.num_classes, seed=seed, rank=rt.rank, world_size=rt.world)
+        return build_train_loader(self.train_spec, batch_size=rt.micro_batch, transform=transform, seed=seed,
+                                  rank=rt.rank, world_size=rt.world, num_workers=data.num_workers,
+                                  shuffle_buffer=data.shuffle_buffer, pin_memory=self.pin(rt, data))
+
+    def train_batches(self, rt, session, data, transform, seed: int):
+        """`train_loader`, registered with the session (its position is saved and restored), as device batches."""
+        loader = self.train_loader(rt, data, transform, seed)
         session.register_loader(loader)
         return device_batches(loader, rt.device, mean=self.mean, std=self.std, dtype=rt.dtype,
                               pin_memory=self.pin(rt, data), prefetch=data.prefetch)

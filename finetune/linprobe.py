@@ -135,6 +135,20 @@ def evaluate_cached(head, feats, rt: Runtime, batch_size: int) -> dict:
     return meter.compute(rt.accelerator)
 
 
+def train_transform(ds: Downstream):
+    """The recipe's augmentation of the augmented path: RandomResizedCrop (0.08-1) + flip."""
+    return pretrain_transform(ds.img_size, ds.mean, ds.std, scale=(0.08, 1.0), output=ds.output)
+
+
+def plan_loader(cfg: LinprobeConfig, place):
+    """The training loader `cfg` gives one process (`place`: micro_batch, rank, world, device), or None when the
+    head trains on cached features or synthetic batches: what `--plan` times (launch/plan.py)."""
+    if cfg.probe.cached or cfg.data.loader == "synthetic":
+        return None
+    ds = resolve_downstream(cfg)
+    return ds.train_loader(place, cfg.data, train_transform(ds), cfg.run.seed)
+
+
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_cli(LinprobeConfig, argv, PROG)
     ds = resolve_downstream(cfg)  # splits, encoder weights, normalisation: checked before anything is built
@@ -163,8 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     record = {"peak_lr": peak_lr, "flops_per_image": head_flops + encoder_flops, "data": ds.train_spec}
     with Session(rt, cfg, name="linprobe", fingerprint=fingerprint, record=record) as session:
         if feats is None:  # the recipe: RandomResizedCrop + flip, an encoder forward every step
-            ttf = pretrain_transform(ds.img_size, ds.mean, ds.std, scale=(0.08, 1.0), output=ds.output)
-            batches = ds.train_batches(rt, session, cfg.data, ttf, cfg.run.seed)
+            batches = ds.train_batches(rt, session, cfg.data, train_transform(ds), cfg.run.seed)
 
             def step_fn(batch: dict) -> torch.Tensor:
                 return F.cross_entropy(head(model.features(batch["image"]).to(rt.dtype)).float(), batch["label"])

@@ -316,9 +316,8 @@ def _refuse_inapplicable(cfg: Any, given: list[str], sources: Mapping[str, str])
                               f"{rules[key]}")
 
 
-def load_config(cls: type[T], argv: Sequence[str] = ()) -> T:
-    """Defaults of `cls`, then each YAML file and `key=value` override of `argv` in order. Old spellings and keys
-    that do not apply to the resulting run are refused."""
+def _merge_argv(argv: Sequence[str]) -> tuple[dict, dict[str, str]]:
+    """The nested values of `argv`'s YAML files and `key=value` overrides, merged in order, and each key's source."""
     merged: dict = {}
     sources: dict[str, str] = {}
     for arg in argv:
@@ -332,11 +331,34 @@ def load_config(cls: type[T], argv: Sequence[str] = ()) -> T:
             _merge(merged, read_yaml(arg), sources, str(arg))
         else:
             raise ConfigError(f"argument {arg!r} is neither a YAML file (.yaml) nor a key=value override")
+    return merged, sources
+
+
+def load_config(cls: type[T], argv: Sequence[str] = ()) -> T:
+    """Defaults of `cls`, then each YAML file and `key=value` override of `argv` in order. Old spellings and keys
+    that do not apply to the resulting run are refused."""
+    merged, sources = _merge_argv(argv)
     given = _given_leaves(merged)
     _refuse_renamed(cls, given, sources)
     cfg = _build(cls, merged, sources)
     _refuse_inapplicable(cfg, given, sources)
     return cfg
+
+
+def applicable_values(cls: type, argv: Sequence[str]) -> dict:
+    """The nested values `argv` gives, less the keys that do not apply to the config they make (e.g. data.pin_memory
+    once data.loader=synthetic): the same run, which `load_config` accepts when written as one YAML file. For tools
+    that add overrides to a user's command (the planner, `launch/plan.py`)."""
+    merged, sources = _merge_argv(argv)
+    rules = _inapplicable(_build(cls, merged, sources))
+    for key in _given_leaves(merged):
+        if key in rules:
+            *path, leaf = key.split(".")
+            node = merged
+            for part in path:
+                node = node[part]
+            del node[leaf]
+    return merged
 
 
 def config_from_dict(cls: type[T], values: Mapping[str, Any], source: str = "dict") -> T:
@@ -382,13 +404,18 @@ def describe(cls: type, prefix: str = "") -> list[str]:
 
 
 def parse_cli(cls: type[T], argv: Sequence[str] | None, prog: str) -> T:
-    """`load_config` for an entry point: `--help` lists every key; a config error prints `prog: error: <message>` on
-    stderr and exits with code 2 (argparse's convention), no traceback."""
+    """`load_config` for an entry point: `--help` lists every key; `--plan` (and its `--plan-*` options) predicts the
+    run's speed, time and memory instead of running it (launch/plan.py); a config error prints `prog: error:
+    <message>` on stderr and exits with code 2 (argparse's convention), no traceback."""
     import sys
 
     from launch.errors import EXIT_USER_ERROR, report
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--plan" or a.startswith("--plan-") for a in argv):  # predict the run instead (launch/plan.py)
+        from launch.plan import plan_cli
+
+        raise SystemExit(plan_cli(cls, argv, prog))
     if any(a in ("-h", "--help") for a in argv):
         print(f"usage: {prog} [CONFIG.yaml ...] [key=value ...]\n\nkeys:")
         print("\n".join(describe(cls)))
@@ -405,6 +432,7 @@ __all__ = [
     "opt",
     "section",
     "load_config",
+    "applicable_values",
     "config_from_dict",
     "to_dict",
     "save_config",

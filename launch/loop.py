@@ -7,7 +7,9 @@ policy (Accelerate's, around the whole step function), clipping, the non-finite 
 (checkpoints through the session), the progress bar and periodic hooks (evaluation, pictures).
 
 Each logged record has, besides the loss and lr: `images_per_sec` (hooks excluded), `data_wait` (the share of the
-window's wall-clock the host spent waiting for the next batch, the slowest rank's: near 1 means input-bound),
+window's wall-clock, hooks excluded, the host spent waiting for the next batch, the slowest rank's: near 1 means
+input-bound; the progress bar shows it as `wait`, and `--plan` predicts it: launch/plan.py), `hook_sec` (host seconds
+in the hooks since the previous record: evaluations, pictures; all due hooks run before the step's record),
 `tflops` (achieved model TFLOP/s per device from the FLOPs per image) and `mfu` (that over the device's peak, when
 the peak is known: `launch/hardware.py`). A stop signal that arrives while the run still waits for its first batch
 ends it at once (nothing to save yet).
@@ -105,6 +107,7 @@ class TrainLoop:
         self._wait = 0.0  # host seconds spent in next(batches) since the last log step
         data = getattr(self.session.cfg, "data", None)  # the entry point's data section (data.log_samples)
         samples = SampleLog(acc, self.session.run_dir, step) if getattr(data, "log_samples", False) else None
+        self._hook_sec = 0.0  # host seconds spent in hooks since the last log step
         bar = tqdm(total=run.steps, initial=step, desc=self.desc, dynamic_ncols=True,
                    disable=not (run.progress and acc.is_main_process))
         self.model.train()
@@ -168,11 +171,19 @@ class TrainLoop:
                 self.after_update(step)
 
             last = step == run.steps
-            merged, t_hooks = {}, time.perf_counter()
-            for hook in self.hooks:
-                if hook.merge and hook.due(step, last):
-                    merged.update(hook.fn(step) or {})
-            clock = (clock[0] + time.perf_counter() - t_hooks, clock[1])  # hook time is not training throughput
+            merged, own = {}, []
+            due = [hook for hook in self.hooks if hook.due(step, last)]
+            if due:  # all before the log: their time is left out of the window's clock
+                t_hooks = time.perf_counter()
+                for hook in due:
+                    values = hook.fn(step) or {}
+                    if hook.merge:
+                        merged.update(values)
+                    elif values:
+                        own.append(values)
+                hook_time = time.perf_counter() - t_hooks
+                self._hook_sec += hook_time
+                clock = (clock[0] + hook_time, clock[1])  # hook time is not training throughput
             if step % run.log_every == 0 or last:  # the host reads the device counters here, and only here
                 loss, worst = self._log(step, lr, window, nf_total, nf_worst, clock, bar, merged)
                 if worst >= run.max_nonfinite:
@@ -186,12 +197,11 @@ class TrainLoop:
                 window.zero_()
                 nf_worst = nf_run.clone()
                 clock = (time.perf_counter(), step)
-                self._wait = 0.0
+                self._wait, self._hook_sec = 0.0, 0.0
             elif merged:
                 self.session.log(step, merged)
-            for hook in self.hooks:
-                if not hook.merge and hook.due(step, last) and (values := hook.fn(step)):
-                    self.session.log(step, values)
+            for values in own:  # the other hooks' records, after the step's
+                self.session.log(step, values)
             stopped_by = stop.poll()
             if stopped_by or last or (run.save_every and step % run.save_every == 0):
                 counts = torch.stack([nf_total, nf_run]).tolist()
@@ -222,7 +232,7 @@ class TrainLoop:
         loss = loss_sum / kept if kept else None  # None (JSON null) when every step of the window was skipped
         images_per_sec = (step - clock[1]) * self.global_batch / elapsed
         values = {"loss": loss, "lr": lr, "images_per_sec": images_per_sec, "n_nonfinite": int(n_bad),
-                  "data_wait": min(1.0, data_wait)}
+                  "data_wait": min(1.0, data_wait), "hook_sec": self._hook_sec}
         if self.flops_per_image:
             tflops = images_per_sec * self.flops_per_image / 1e12 / acc.num_processes  # per device
             values["tflops"] = tflops
@@ -235,7 +245,8 @@ class TrainLoop:
         shown = "nan" if loss is None else f"{loss:.4f}"
         shown_too = {k: v for k, v in (self.show or {}).items() if isinstance(v, float)} if merged else {}
         self._shown.update({k: f"{v:.4f}" for k, v in {**(merged or {}), **shown_too}.items() if isinstance(v, float)})
-        bar.set_postfix(loss=shown, lr=f"{lr:.2e}", img_s=f"{values['images_per_sec']:.0f}", **self._shown)
+        bar.set_postfix(loss=shown, lr=f"{lr:.2e}", img_s=f"{values['images_per_sec']:.0f}",
+                        wait=f"{values['data_wait']:.2f}", **self._shown)
         run = self.session.cfg.run
         if acc.is_main_process and not run.progress:  # plain lines for log files and pipes
             more = "".join(f" {k} {v:.4f}" for k, v in {**(merged or {}), **shown_too}.items() if isinstance(v, float))

@@ -26,7 +26,8 @@ CLASSIFIER_BEST = "classifier_best.safetensors"
 CLASSIFIER_LAST = "classifier_last.safetensors"
 EVAL = "eval.json"  # top1, top5, n_images of the final evaluation
 FEATURES = "features"  # the linear probe's feature cache
+PLAN = "plan.json"  # `--plan`'s prediction of the run (launch/plan.py), before it runs
 
 __all__ = ["CONFIG", "RUN_RECORD", "METRICS", "SAMPLES", "CHECKPOINTS", "LOCK", "ENCODER", "TEACHER_ENCODER",
            "PRETRAINER", "RECONSTRUCTIONS", "RECONSTRUCTION_STEPS", "KNN_BASELINES", "KNN_CURVE", "CLASSIFIER_META",
-           "CLASSIFIER_BEST", "CLASSIFIER_LAST", "EVAL", "FEATURES"]
+           "CLASSIFIER_BEST", "CLASSIFIER_LAST", "EVAL", "FEATURES", "PLAN"]

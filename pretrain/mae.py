@@ -165,6 +165,18 @@ def build_loader(cfg: PretrainConfig, rt: Runtime, info, raw):
                               pin_memory=pin, sample_fn=mask_noise_fn(raw), **kwargs)
 
 
+def plan_loader(cfg: PretrainConfig, place):
+    """The training loader `cfg` gives one process (`place`: micro_batch, rank, world, device), built without an
+    accelerator (the mask geometry from the model on the meta device), or None for synthetic batches: what `--plan`
+    times (launch/plan.py)."""
+    if cfg.data.loader == "synthetic":
+        return None
+    cfg = with_dataset_defaults(cfg, say=False)
+    with torch.device("meta"):
+        raw = build_model(cfg)
+    return build_loader(cfg, place, resolve(cfg.data.train), raw)
+
+
 def fixed_images(cfg: PretrainConfig, device) -> torch.Tensor | None:
     """The first `vis.num_images` images of `vis.images` (else the val/test split next to data.train, else
     data.train), normalised, deterministic (eval transform)."""
@@ -219,7 +231,7 @@ def knn_hook(cfg: PretrainConfig, rt: Runtime, raw_model) -> tuple[list[Hook], o
         bank=k.bank, query=k.query, train=cfg.data.train, accelerator=rt.accelerator,
         encoder=lambda: raw_model.encoder, img_size=cfg.model.img_size, mean=cfg.data.mean, std=cfg.data.std,
         bank_size=k.bank_size, query_size=k.query_size, batch_size=cfg.data.eval_batch,
-        num_workers=cfg.data.num_workers if cfg.data.loader == "stream" else 0, dtype=rt.dtype, k=k.k,
+        num_workers=cfg.data.num_workers if cfg.data.loader != "device" else 0, dtype=rt.dtype, k=k.k,
         temperature=k.temperature, pool=cfg.model.pool)
     rt.say(note)
     return ([Hook(cfg.run.eval_every, monitor, at_end=True, merge=True)] if monitor is not None else []), monitor

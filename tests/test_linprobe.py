@@ -30,7 +30,7 @@ def _mocov3_lars_step(params, grads, bufs, lr, momentum=0.9, trust=1e-3):
 
 
 def test_lars_matches_mocov3_reference():
-    from finetune.lars import build_lars
+    from finetune.probe_optim import build_lars
     from models.probe import ProbeHead
 
     torch.manual_seed(0)
