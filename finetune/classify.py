@@ -168,6 +168,9 @@ def step_function(cfg: FinetuneConfig, rt: Runtime, model, ds: Downstream, teach
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_cli(FinetuneConfig, argv, PROG)
     ds = resolve_downstream(cfg)  # splits, encoder weights, normalisation: checked before anything is built
+    if ds.source.encoder_cfg.get("pixels"):
+        raise ConfigError("encoder=pixels is the probes' yardstick (raw pixels, nothing to train): fine-tune "
+                          "encoder=random arch=... for a from-scratch baseline")
     rt = start_run(cfg.run, cfg.optim, micro=cfg.data.micro_batch, global_=cfg.data.global_batch)
     if cfg.ema.enabled and rt.fsdp:  # timm's ModelEmaV3 deep-copies the model, which FSDP2 refuses
         raise ConfigError("ema.enabled=true keeps a whole copy of the weights on every rank, which FSDP2's sharded "

@@ -102,7 +102,7 @@ class LinprobeConfig:
     model: ProbeModelSection = section(ProbeModelSection, "the probed feature")
     probe: ProbeSection = section(ProbeSection, "probe options")
     encoder: str = opt(DEFAULT_ENCODER, "encoder.safetensors | official MAE .pth | timm:NAME (+encoder_weights) | "
-                                        "random")
+                                        "random | pixels (raw pixels, the yardstick; with arch=)")
     encoder_weights: str | None = opt(None, "weights file for encoder=timm:NAME")
     arch: str | None = opt(None, "architecture when the checkpoint does not say: an MAE variant name or timm:NAME "
                                  "(needed by encoder=random unless a default is fine)")

@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     ds = resolve_downstream(cfg)  # splits, encoder weights, normalisation: checked before anything is built
     rt = start_run(cfg.run, cfg.optim, micro=cfg.data.micro_batch, global_=cfg.data.global_batch)
     model = probe_model(cfg, ds).to(rt.device)
-    if compile_enabled(cfg.run.compile, rt.device):
+    if compile_enabled(cfg.run.compile, rt.device) and not ds.source.encoder_cfg.get("pixels"):
         compile_blocks(model.encoder)  # the frozen encoder's forward dominates extraction and the augmented path
     for note in ds.source.notes:
         rt.say(f"[linprobe] note: {note}")
@@ -172,8 +172,9 @@ def main(argv: list[str] | None = None) -> dict:
     peak_lr = cfg.optim.peak_lr(rt.global_batch)
     head_flops = 3 * sum(p.numel() for p in model.head.parameters()) * 2  # ~ the head's forward and backward
     enc_cfg = ds.source.encoder_cfg
-    encoder_flops = vit_flops_per_image(dict(enc_cfg, img_size=ds.img_size)) if feats is None and "hybrid" not in \
-        enc_cfg else 0  # the augmented path runs the frozen encoder forward each step (no backward through it)
+    plain_vit = "hybrid" not in enc_cfg and not enc_cfg.get("pixels")
+    # the augmented path runs the frozen encoder forward each step (no backward through it)
+    encoder_flops = vit_flops_per_image(dict(enc_cfg, img_size=ds.img_size)) if feats is None and plain_vit else 0
     record = {"peak_lr": peak_lr, "flops_per_image": head_flops + encoder_flops, "data": ds.train_spec}
     with Session(rt, cfg, name="linprobe", fingerprint=fingerprint, record=record) as session:
         if feats is None:  # the recipe: RandomResizedCrop + flip, an encoder forward every step

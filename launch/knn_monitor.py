@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from accelerate.utils import DistributedType, broadcast_object_list
 
 from core.errors import ConfigError
@@ -35,11 +34,8 @@ from data.transforms import eval_transform
 from launch import run_files
 from launch.features import extract_features, extract_rows
 from launch.knn import knn_top1
+from models.pixel_encoder import PIXEL_POOL, pixel_features
 
-# The raw-pixel baseline pools every channel to 8 x 8 (adaptive average pooling: any input size): at 32 px that is
-# 4 x 4 pixel cells, 192 features for RGB, coarse enough that cosine similarity compares colour layout rather than
-# exact pixels, and the same small vector for 224 px inputs.
-PIXEL_POOL = 8
 BASELINE_KEYS = ("knn_top1_init", "knn_top1_pixels")
 
 
@@ -55,11 +51,6 @@ def subset(info: DatasetInfo, n: int | None) -> DatasetInfo:
         sizes[k] += 1
     keep = [k for k, s in enumerate(sizes) if s > 0]
     return replace(info, urls=[info.urls[k] for k in keep], shard_sizes=[sizes[k] for k in keep], num_samples=n)
-
-
-def pixel_features(images: torch.Tensor, size: int = PIXEL_POOL) -> torch.Tensor:
-    """The raw-pixel baseline's features: normalised images `[N, C, H, W]` -> `[N, C * size * size]` float32."""
-    return F.adaptive_avg_pool2d(images.float(), size).flatten(1)  # [N, C, size, size] -> [N, C*size*size]
 
 
 def check_same_classes(bank: DatasetInfo, query: DatasetInfo, bank_name: str, query_name: str) -> None:

@@ -206,6 +206,12 @@ def read_weights(source: str, *, want: Want = "encoder", weights: str | None = N
     from models import convert
 
     arch_cfg = encoder_cfg_of_name(arch) if arch else None
+    if source == "pixels":  # raw pixels as the encoder: the probes' yardstick (models/pixel_encoder.py)
+        if arch_cfg is None or "patch_size" not in arch_cfg:
+            raise ConfigError("encoder=pixels needs arch= (a ViT name: its image size, patch size and channels shape "
+                              "the pixel features)")
+        cfg = {"pixels": True, **{k: arch_cfg[k] for k in ("img_size", "patch_size", "in_chans") if k in arch_cfg}}
+        return Weights("pixels", source, cfg, None, f"pixels:{json.dumps(cfg, sort_keys=True)}", fmt="pixels")
     if source == "random":
         if arch_cfg is None:
             raise ConfigError("encoder=random needs arch= (an MAE variant name or timm:NAME) to know the architecture")

@@ -123,6 +123,10 @@ def create_backbone(encoder_cfg: dict) -> VisionTransformer:
     """The headless encoder (num_classes=0) of a plain or hybrid ViT encoder_cfg, e.g. for a linear probe."""
     if "cnn" in encoder_cfg:
         raise ValueError(f"encoder_cfg names a CNN ({encoder_cfg['cnn']}); probing needs a ViT encoder")
+    if encoder_cfg.get("pixels"):
+        from .pixel_encoder import PixelEncoder
+
+        return PixelEncoder(encoder_cfg["img_size"], encoder_cfg["patch_size"], encoder_cfg.get("in_chans", 3))
     if "hybrid" in encoder_cfg:
         return create_hybrid(encoder_cfg, 0)
     return create_encoder(**{k: v for k, v in encoder_cfg.items() if k in ENCODER_KEYS})

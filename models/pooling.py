@@ -20,7 +20,10 @@ def pool_tokens(tokens: torch.Tensor, pool: str, num_prefix_tokens: int = 1) -> 
 
 
 def encode(encoder: nn.Module, images: torch.Tensor, pool: str) -> torch.Tensor:
-    """Features of a batch through a timm VisionTransformer (`forward_features` ends with the final norm)."""
+    """Features of a batch through a timm VisionTransformer (`forward_features` ends with the final norm), or the
+    encoder's own pooled feature when it has one (raw pixels: `models/pixel_encoder.py`)."""
+    if hasattr(encoder, "pooled"):
+        return encoder.pooled(images)  # [N, F]
     tokens = encoder.forward_features(images)  # [N, 1+L, D]
     return pool_tokens(tokens, pool, getattr(encoder, "num_prefix_tokens", 1))
 

@@ -39,7 +39,8 @@ class ProbeClassifier(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.pool = pool
-        self.head = head if head is not None else ProbeHead(encoder.embed_dim, num_classes)
+        self.head = head if head is not None else ProbeHead(getattr(encoder, "feature_dim", encoder.embed_dim),
+                                                                  num_classes)
         self.encoder.requires_grad_(False)
         self.encoder.eval()
 

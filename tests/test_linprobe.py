@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 from conftest import DOWNSTREAM, N_TEST, N_TRAIN, TINY_ENC, _sample_items, make_tiny_encoder
-from helpers_launch import launch_two
+from helpers_launch import ROOT, launch_two
 from safetensors.torch import load_file
 
 # ------------------------------------------------------------------------------------------------ units
@@ -203,3 +203,46 @@ def test_linprobe_cached_resume_is_exact(tiny):
         torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=1e-7, msg=k)
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps.count(2) == 1 and steps.count(6) == 2  # truncated after step 3, then logged again (loss + test)
+
+
+def test_attentive_probe_cached_and_streamed_and_raw_pixels(tiny):
+    """probe.head=attentive through the documented file (finetune/configs/probe_attentive.yaml): cached fp16 tokens
+    when they fit probe.token_memory, streamed otherwise; the saved classifier reloads as an attentive probe. Raw
+    pixels (encoder=pixels) are the yardstick of both heads: the linear probe's cached features are the images
+    average-pooled to 8x8, computed here independently."""
+    import torch.nn.functional as F
+    from conftest import load_classifier
+
+    from finetune.linprobe import main
+    from models.probe import AttentiveProbeClassifier
+
+    recipe = str(ROOT / "finetune" / "configs" / "probe_attentive.yaml")
+    common = [f"data.train={tiny['data']}", *DOWNSTREAM, "run.steps=4", "optim.warmup_steps=1"]
+    cached, streamed = tiny["base"] / "att", tiny["base"] / "att_stream"
+    main([recipe, f"encoder={tiny['encoder']}", *common, f"run.output_dir={cached}"])
+    main([recipe, f"encoder={tiny['encoder']}", *common, f"run.output_dir={streamed}", "probe.token_memory=1e-12"])
+    for run, path in ((cached, "cached"), (streamed, "augmented")):
+        ev = json.loads((run / "eval.json").read_text())
+        assert ev["head"] == "attentive" and ev["path"] == path and ev["n_images"] == N_TEST
+    tokens = load_file(str(cached / "features" / "train.tokens.safetensors"))
+    assert tokens["features"].shape == (N_TRAIN, 16, TINY_ENC["embed_dim"]) and tokens["features"].dtype == \
+        torch.float16  # the 16 patch tokens of each image, fp16
+    model, meta = load_classifier(cached)
+    assert isinstance(model, AttentiveProbeClassifier) and meta["head"] == "attentive"
+    arch = "arch=mae_vit_tiny_patch4_dec128d2b"
+    pixels = tiny["base"] / "pixels"
+    main(["encoder=pixels", arch, *common, f"run.output_dir={pixels}"])
+    main([recipe, "encoder=pixels", arch, *common, f"run.output_dir={tiny['base'] / 'pixels_att'}"])
+    feats = load_file(str(pixels / "features" / "test.safetensors"))["features"]
+    from data.eval_stream import build_eval_loader
+    from data.info import resolve
+    from data.norm_stats import norm_stats
+    from data.transforms import eval_transform
+
+    mean, std, _ = norm_stats(None, None, resolve(f"{tiny['data']}:train").meta)
+    batch = next(iter(build_eval_loader(f"{tiny['data']}:test", batch_size=N_TEST,
+                                        transform=eval_transform(32, mean, std, crop_pct=1.0))))
+    images = batch["image"][batch["valid"]].double()  # [13, 3, 32, 32]
+    direct = images.reshape(N_TEST, 3, 8, 4, 8, 4).mean(dim=(3, 5)).flatten(1)  # 4x4 cells: the 8x8 average pool
+    torch.testing.assert_close(feats.double(), direct, rtol=1e-5, atol=1e-5)
+    assert F.cosine_similarity(feats[:1].double(), direct[:1]).item() > 0.99999
