@@ -37,6 +37,7 @@ def read_run(run_dir: Path, skip: int = 0) -> dict:
 
         rates = [r["images_per_sec"] for r in rows if r.get("step", 0) > skip and "images_per_sec" in r]
         out["metrics"] = {"steps": last("step"), "epoch": last("epoch"), "knn_top1": last("knn_top1"),
+                          "knn_top1_init": last("knn_top1_init"), "knn_top1_pixels": last("knn_top1_pixels"),
                           "images_per_sec": statistics.median(rates) if rates else None,
                           "loss_curve": [[r["step"], round(r["loss"], 5)] for r in rows
                                          if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]}

@@ -202,7 +202,8 @@ def test_missing_tarball_is_one_line_naming_what_to_pass(tmp_path, capsys, monke
 
 PROVENANCE = {"git": {"commit": "abcdef0123456789", "dirty": True}, "packages": {"torch": "9.9", "timm": "8.8"},
               "hardware": {"host": "secret-host", "cpu": "Test CPU", "cpu_cores": 3, "memory_gb": 7.5, "gpus": []}}
-ACCURACY = {"probe_mae": 45.5, "probe_random": 40.25, "finetune_mae": 50.0, "finetune_scratch": 41.0}
+ACCURACY = {"probe_mae": 45.5, "probe_random": 40.25, "probe_pixels": 38.0, "attentive_mae": 52.0,
+            "attentive_random": 44.0, "attentive_pixels": 39.5, "finetune_mae": 50.0, "finetune_scratch": 41.0}
 
 
 def _fake_run_stage(calls):
@@ -220,6 +221,8 @@ def _fake_run_stage(calls):
                 {"model": {"name": "mae_vit_tiny_patch4_dec128d2b", "mask_ratio": 0.75, "norm_pix_loss": True,
                            "pool": "token"}}))
             rows = [{"step": s, "loss": 1.0 / s, "images_per_sec": 10.0 * s, "epoch": s / 10} for s in (1, 2, 3)]
+            rows[0].update(knn_top1_init=0.25, knn_top1_pixels=0.3)
+            rows[-1]["knn_top1"] = 0.4
             (stage_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         else:
             (stage_dir / "eval.json").write_text(json.dumps(
@@ -236,14 +239,20 @@ def test_chain_wiring_and_results(tmp_path, monkeypatch):
     docs, work = tmp_path / "docs", tmp_path / "work"
     record = chain_mod.main(["--budget", "micro", "--work", str(work), "--docs", str(docs), "--finetune-arg",
                              "run.steps=3", "--threads", "3"])
-    assert [n for n, _ in calls] == ["pretrain", "probe_mae", "probe_random", "finetune_mae", "finetune_scratch"]
+    assert [n for n, _ in calls] == list(chain_mod.RUNS)
     cmds = {n: c for n, c in calls}
     variant, sample = chain_mod.BUDGETS["micro"][0], REPO / "data" / "sample"
     encoder = f"encoder={work / 'pretrain' / 'encoder.safetensors'}"
     assert cmds["pretrain"][1:4] == ["pretrain/mae.py", "pretrain/configs/cifar10_micro.yaml", f"data.train={sample}"]
     assert encoder in cmds["probe_mae"] and encoder in cmds["finetune_mae"]
-    for key in ("probe_random", "finetune_scratch"):
+    for key in ("probe_random", "attentive_random", "finetune_scratch"):
         assert "encoder=random" in cmds[key] and f"arch={variant}" in cmds[key]
+    for key in ("probe_pixels", "attentive_pixels"):
+        assert "encoder=pixels" in cmds[key] and f"arch={variant}" in cmds[key]
+    # the attentive probe: the documented head file, then the budget's file, for all three feature sources
+    for key in ("attentive_mae", "attentive_random", "attentive_pixels"):
+        assert cmds[key][1:4] == ["finetune/linprobe.py", "finetune/configs/probe_attentive.yaml",
+                                  "finetune/configs/cifar10_attentive_micro.yaml"]
     assert f"data.train={sample}:train" in cmds["probe_mae"] and f"data.train={sample}" in cmds["finetune_mae"]
     assert cmds["finetune_mae"][1] == "finetune/classify.py" and cmds["probe_mae"][1] == "finetune/linprobe.py"
     assert "run.steps=3" in cmds["finetune_mae"] and "run.steps=3" in cmds["finetune_scratch"]
@@ -275,6 +284,10 @@ def test_chain_wiring_and_results(tmp_path, monkeypatch):
     assert "OMP_NUM_THREADS=3;\nPython 3." in md and "torch 9.9, timm 8.8." in md
     assert "| linear probe, MAE encoder | 45.50 | 90.00 | 1,000 | 10 x 32 | 2 s |" in md
     assert "| fine-tune from scratch (random init) | 41.00 |" in md
+    # the three yardsticks side by side: k-NN from the pretraining's log (fractions shown as %), both probes
+    assert "| MAE encoder | 40.00 | 45.50 | 52.00 |" in md
+    assert "| random encoder (at init) | 25.00 | 40.25 | 44.00 |" in md
+    assert "| raw pixels | 30.00 | 38.00 | 39.50 |" in md
     assert "**5.25 points**" in md and "**9.00 points**" in md
     assert "3 steps of 32 images\n(0.30 epochs), loss 1.0000 at the first logged step -> 0.3333 at the" in md
     assert "| probe_random | 2 s (reused) |" in md and "**Stages probe_random were reused" in md
@@ -325,12 +338,12 @@ def test_micro_budget_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     record = json.loads((tmp_path / "docs" / "results" / "cifar10_micro.json").read_text())
     stages = {s["stage"]: s for s in record["stages"]}
-    assert list(stages) == ["pretrain", "probe_mae", "probe_random", "finetune_mae", "finetune_scratch"]
+    assert list(stages) == list(chain_mod.RUNS)
     pretrain = stages["pretrain"]
     assert pretrain["run"]["status"] == "finished" and pretrain["run"]["global_batch"] == 32  # cifar10_micro.yaml
     assert pretrain["metrics"]["steps"] == 2 and len(pretrain["metrics"]["loss_curve"]) == 2
     assert len(record["provenance"]["git"]["commit"]) == 40 and record["provenance"]["packages"]["torch"]
-    for key in ("probe_mae", "probe_random", "finetune_mae", "finetune_scratch"):
+    for key in chain_mod.RUNS[1:]:
         assert 0.0 <= stages[key]["eval"]["top1"] <= 100.0 and stages[key]["eval"]["n_images"] == 1000  # all of test
     md = (tmp_path / "docs" / "RESULTS.md").read_text()
     assert "## Budget `micro`" in md and "2 steps of 32 images" in md

@@ -6,9 +6,11 @@
     python recipes/cifar10/chain.py --render-only     # redraw the loss curves and the page from docs/results/
 
 Stages, each an entry point run as a subprocess: data/make_shards.py on the CIFAR-10 JPEG tarball (--tarball or
-$TESSERA_CIFAR10_TARBALL; micro uses data/sample), pretrain/mae.py, then finetune/linprobe.py and finetune/classify.py
-from the MAE encoder and from encoder=random with the same recipe (configs: cifar10_*_<budget>.yaml; --pretrain-arg,
---probe-arg, --finetune-arg add overrides). recipes/cifar10/chain_report.py writes the record, the loss curve and the
+$TESSERA_CIFAR10_TARBALL; micro uses data/sample), pretrain/mae.py (its k-NN monitor also scores the encoder at init
+and raw pixels), then finetune/linprobe.py (the linear and the attentive probe) from the MAE encoder, from
+encoder=random and from encoder=pixels (raw pixels), and finetune/classify.py from the MAE encoder and from scratch,
+each with the same recipe (configs: cifar10_*_<budget>.yaml; --pretrain-arg, --probe-arg, --finetune-arg add
+overrides). recipes/cifar10/chain_report.py writes the record, the loss curve and the
 budget's block of docs/RESULTS.md. Stages whose command is unchanged are reused from --work; --fresh starts over.
 """
 
@@ -34,7 +36,8 @@ BUDGETS = {
     "gpu": ("mae_vit_tiny_patch2_dec192d4b", None, "cifar",
             "one H100, pretraining + fine-tuning in about 25 minutes: the quality targets"),
 }
-RUNS = ("pretrain", "probe_mae", "probe_random", "finetune_mae", "finetune_scratch")
+RUNS = ("pretrain", "probe_mae", "probe_random", "probe_pixels", "attentive_mae", "attentive_random",
+        "attentive_pixels", "finetune_mae", "finetune_scratch")
 
 
 def chain(args) -> dict:
@@ -50,12 +53,16 @@ def chain(args) -> dict:
     reuse = reuse and stages[-1]["reused"]  # a new encoder: every later stage runs again
     probe = ["finetune/linprobe.py", f"finetune/configs/cifar10_linprobe_{args.budget}.yaml",
              f"data.train={data}:{probe_split}"]
+    attentive = ["finetune/linprobe.py", "finetune/configs/probe_attentive.yaml",
+                 f"finetune/configs/cifar10_attentive_{args.budget}.yaml", f"data.train={data}:{probe_split}"]
     finetune = ["finetune/classify.py", f"finetune/configs/cifar10_finetune_{args.budget}.yaml", f"data.train={data}"]
+    inits = {"mae": [f"encoder={encoder}"], "random": ["encoder=random", f"arch={variant}"],
+             "pixels": ["encoder=pixels", f"arch={variant}"]}
     for key, head, init, extra in (
-            ("probe_mae", probe, [f"encoder={encoder}"], args.probe_arg),
-            ("probe_random", probe, ["encoder=random", f"arch={variant}"], args.probe_arg),
-            ("finetune_mae", finetune, [f"encoder={encoder}"], args.finetune_arg),
-            ("finetune_scratch", finetune, ["encoder=random", f"arch={variant}"], args.finetune_arg)):
+            *((f"probe_{k}", probe, inits[k], args.probe_arg) for k in ("mae", "random", "pixels")),
+            *((f"attentive_{k}", attentive, inits[k], args.probe_arg) for k in ("mae", "random", "pixels")),
+            ("finetune_mae", finetune, inits["mae"], args.finetune_arg),
+            ("finetune_scratch", finetune, inits["random"], args.finetune_arg)):
         cmd = [py, *head, *init, f"run.output_dir={run_dirs[key]}", *extra]
         stages.append(run_stage(key, cmd, run_dirs[key], env, run_dirs[key] / run_files.EVAL, reuse))
     header = options.header(PROG, args, env, started, t0, name=f"cifar10_{args.budget}", budget=args.budget,
@@ -63,7 +70,9 @@ def chain(args) -> dict:
     header["data"] = {"splits": split_sizes(data), "probe_split": probe_split}
     record = write_results(header, stages, run_dirs, options.folders(args), Path(args.docs))
     top1 = {s["stage"]: fmt(s.get("eval", {}).get("top1")) for s in record["stages"]}
-    print(f"[recipe] {args.budget}: probe MAE {top1['probe_mae']} vs random {top1['probe_random']}; fine-tune MAE "
+    print(f"[recipe] {args.budget}: probe MAE {top1['probe_mae']} vs random {top1['probe_random']} vs pixels "
+          f"{top1['probe_pixels']}; attentive MAE {top1['attentive_mae']} vs random {top1['attentive_random']}; "
+          f"fine-tune MAE "
           f"{top1['finetune_mae']} vs scratch {top1['finetune_scratch']}; total {fmt_seconds(record['total_seconds'])}",
           flush=True)
     return record

@@ -13,6 +13,9 @@ from recipes.page import fmt, fmt_seconds, stage_rows, write_blocks
 from recipes.record import collect, commit, save_record, stage
 
 RUN_LABELS = (("probe_mae", "linear probe, MAE encoder"), ("probe_random", "linear probe, random encoder"),
+              ("probe_pixels", "linear probe, raw pixels"), ("attentive_mae", "attentive probe, MAE encoder"),
+              ("attentive_random", "attentive probe, random encoder"),
+              ("attentive_pixels", "attentive probe, raw pixels"),
               ("finetune_mae", "fine-tune from MAE"), ("finetune_scratch", "fine-tune from scratch (random init)"))
 RECONSTRUCTIONS_MAX_BYTES = 100_000  # a larger grid stays in the run directory
 
@@ -49,6 +52,29 @@ def draw_curve(path: Path) -> Path:
                            ylabel=f"loss (MSE on masked patches, {target})")
 
 
+def quality_table(r: dict, m: dict) -> str:
+    """What the features hold, three yardsticks side by side: the k-NN monitor at the end of pretraining (the encoder
+    at init and raw pixels are its baselines, on the same bank and queries), the linear and the attentive probe."""
+    top1 = {key: stage(r, key).get("eval", {}).get("top1") for key in
+            ("probe_mae", "probe_random", "probe_pixels", "attentive_mae", "attentive_random", "attentive_pixels")}
+    knn = {"mae": m.get("knn_top1"), "random": m.get("knn_top1_init"), "pixels": m.get("knn_top1_pixels")}
+    pct = {k: None if v is None else round(100 * v, 2) for k, v in knn.items()}
+    rows = "\n".join(f"| {label} | {fmt(pct[k])} | {fmt(top1[f'probe_{k}'])} | {fmt(top1[f'attentive_{k}'])} |"
+                     for k, label in (("mae", "MAE encoder"), ("random", "random encoder (at init)"),
+                                      ("pixels", "raw pixels")))
+    ft = {key: stage(r, key).get("eval", {}).get("top1") for key in ("finetune_mae", "finetune_scratch")}
+    return f"""What the features hold, top-1 (%) on the test split (k-NN: the pretraining run's monitor, its bank and
+queries; the probes: all test images):
+
+| features | k-NN | linear probe | attentive probe |
+|---|---:|---:|---:|
+{rows}
+
+Fine-tuning: from MAE {fmt(ft['finetune_mae'])}, from scratch {fmt(ft['finetune_scratch'])}.
+
+"""
+
+
 def budget_section(r: dict) -> str:
     """The budget's section: provenance, the four runs, the gaps, the pretraining, the stages as they ran."""
     prov, hw, data = r["provenance"], r["provenance"]["hardware"], r["data"]
@@ -57,7 +83,7 @@ def budget_section(r: dict) -> str:
     rows = "\n".join(f"| {label} | {fmt(ev[key].get('top1'))} | {fmt(ev[key].get('top5'))} | "
                      f"{fmt(ev[key].get('n_images'))} | {fmt(ev[key].get('steps'))} x "
                      f"{fmt(ev[key].get('global_batch'))} | {fmt_seconds(stage(r, key).get('seconds'))} |"
-                     for key, label in RUN_LABELS)
+                     for key, label in RUN_LABELS if stage(r, key))  # a record from before a stage existed
 
     def gap(a, b):
         x, y = ev[a].get("top1"), ev[b].get("top1")
@@ -74,6 +100,7 @@ def budget_section(r: dict) -> str:
     sha = commit(r)
     dirty = " (plus changes not yet committed)" if sha.endswith("+dirty") else ""
     curve, split = m["loss_curve"], data["probe_split"]
+    quality = quality_table(r, m) if stage(r, "attentive_mae") else ""
     return f"""## Budget `{r['budget']}`: {r['summary']}
 
 Run {r['started']} to {r['finished']}, **total wall-clock {fmt_seconds(r['total_seconds'])}** (all stages, data
@@ -91,7 +118,7 @@ Gap, linear probe (MAE - random): **{gap('probe_mae', 'probe_random')}**; gap, f
 test split, each counted once; the probes train on the {fmt(data['splits'].get(split))} images of split `{split}`, \
 fine-tuning streams the {fmt(data['splits'].get('train'))} of `train`.
 
-Pretraining: `{p['model']['name']}`, mask ratio {p['model']['mask_ratio']}, \
+{quality}Pretraining: `{p['model']['name']}`, mask ratio {p['model']['mask_ratio']}, \
 {'normalised-pixel' if p['model'].get('norm_pix_loss') else 'raw-pixel'} targets,
 {fmt(m['steps'])} steps of {fmt(p['run']['global_batch'])} images
 ({fmt(m['epoch'])} epochs), loss {fmt(curve[0][1], 4)} at the first logged step -> {fmt(curve[-1][1], 4)} at the
