@@ -32,6 +32,7 @@ from data.eval_stream import EvalLoader, build_eval_loader
 from data.info import DatasetError, DatasetInfo, neighbour_split, resolve
 from data.transforms import eval_transform
 from launch import run_files
+from launch.accel import zero_stage
 from launch.features import extract_features, extract_rows
 from launch.knn import knn_top1
 from models.pixel_encoder import PIXEL_POOL, pixel_features
@@ -88,10 +89,18 @@ def labelled(spec: str | None, role: str, explicit: bool) -> tuple[DatasetInfo |
 
 
 @contextlib.contextmanager
-def root_unsharded(accelerator):
-    """Under FSDP2 the root shard unit's parameters (patch embedding, tokens, final norm) are gathered only by the
-    whole model's forward; the monitor runs the encoder alone, so they are gathered here (FSDP2's `unshard`) and
-    resharded after. The blocks gather their own in their forward hooks. A no-op under other engines."""
+def root_unsharded(accelerator, encoder: nn.Module):
+    """The monitor runs the encoder alone (`forward_features`), outside the whole model's forward, so parameters
+    that only that forward gathers are gathered here and released after: under FSDP2 the root shard unit (patch
+    embedding, tokens, final norm: FSDP2's `unshard`/`reshard`), under DeepSpeed ZeRO-3 the encoder's own parameters
+    (class token, position table: `deepspeed.zero.GatheredParameters`). Blocks and other submodules gather theirs in
+    their forward hooks. A no-op under other engines."""
+    if zero_stage(accelerator) == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(encoder.parameters(recurse=False))):
+            yield
+        return
     model = accelerator._models[0] if getattr(accelerator, "_models", None) else None
     unshard = getattr(model, "unshard", None) if accelerator.distributed_type == DistributedType.FSDP else None
     if unshard is None:
@@ -141,7 +150,8 @@ class KnnMonitor:
         was_training = encoder.training
         device = self.accelerator.device
         # no RNG is drawn by an eval-mode forward, but the training streams must not move even if one were
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), root_unsharded(self.accelerator):
+        streams = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=streams), root_unsharded(self.accelerator, encoder):
             bank_x, bank_y = self.features(encoder, self.bank)
             query_x, query_y = self.features(encoder, self.query)
         encoder.train(was_training)

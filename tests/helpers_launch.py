@@ -131,6 +131,12 @@ def read_metrics(run_dir) -> list[dict]:
     return read_metrics_file(Path(run_dir) / "metrics.jsonl")
 
 
+def train_rows(run_dir) -> list[dict]:
+    """The per-step training records of RUN_DIR/metrics.jsonl (those with a loss; the step-0 row holds the k-NN
+    baselines measured before training)."""
+    return [r for r in read_metrics(run_dir) if "loss" in r]
+
+
 def run_record(run_dir) -> dict:
     """RUN_DIR/run.json: what the run says about itself (world size, engine, precision, batch arithmetic, ...)."""
     return json.loads((Path(run_dir) / "run.json").read_text())

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 import torch
-from helpers_launch import ROOT, read_metrics, tiny_args
+from helpers_launch import ROOT, read_metrics, tiny_args, train_rows
 from safetensors.torch import load_file
 
 from launch.checkpoint import ResumeMismatch
@@ -40,7 +40,7 @@ def test_default_model_loss_falls_and_outputs_load(tmp_path):
             "run.log_every=4", "run.save_every=0", "run.progress=false", "run.trackers=none", "optim.warmup_steps=4",
             "vis.num_images=4", "knn.bank_size=100", "knn.query_size=50", "run.eval_every=8"]
     pretrain_mae.main(args)
-    losses = [r["loss"] for r in read_metrics(tmp_path)]
+    losses = [r["loss"] for r in train_rows(tmp_path)]
     assert len(losses) == 4
     assert losses[-1] < 0.75 * losses[0], losses
     assert (tmp_path / "reconstructions.png").stat().st_size > 0

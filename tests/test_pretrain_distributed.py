@@ -22,6 +22,7 @@ from helpers_launch import (
     run,
     run_record,
     tiny_args,
+    train_rows,
     wait_for_step,
 )
 from safetensors.torch import load_file
@@ -36,7 +37,7 @@ LOSS_RTOL = 1e-4
 
 
 def losses(run_dir):
-    return [r["loss"] for r in read_metrics(run_dir)]
+    return [r["loss"] for r in train_rows(run_dir)]
 
 
 def assert_finished(run_dir, steps=STEPS):
@@ -105,8 +106,8 @@ def test_sigkill_and_resume_is_bitwise_equal(tmp_path):
     different = [k for k in ref if not torch.equal(ref[k], got[k])]
     assert not different, f"killed at step >= {seen}: tensors differ from the uninterrupted run: {different}"
     # the metrics file is one clean series: the steps after the checkpoint were logged again, once
-    assert [r["step"] for r in read_metrics(cut_dir)] == list(range(1, steps + 1))
-    assert [r["loss"] for r in read_metrics(cut_dir)] == [r["loss"] for r in read_metrics(ref_dir)]
+    assert [r["step"] for r in train_rows(cut_dir)] == list(range(1, steps + 1))
+    assert [r["loss"] for r in train_rows(cut_dir)] == [r["loss"] for r in train_rows(ref_dir)]
 
 
 def test_zero3_bf16_exports_full_precision_full_shape(tmp_path):
