@@ -19,6 +19,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers_launch import (
     ACCELERATE,
     ENTRY,
@@ -116,6 +117,8 @@ COVERAGE = [
     (r"^sbatch launch/slurm/pretrain\.sbatch \.\.\.$", "test_preemption.py::test_slurm_script_sigusr1_checkpoints"),
     (r"^python data/make_shards\.py ", "test_make_shards"),
     (r"^python finetune/(linprobe|classify)\.py encoder=runs/pretrain/encoder\.safetensors$", "test_downstream"),
+    (r"^python finetune/linprobe\.py finetune/configs/probe_attentive\.yaml ", "test_attentive_probe_command"),
+    (r"^python pretrain/mae\.py .*--plan( |$)", "test_plan_commands"),
     (r"^python finetune/evaluate\.py ", "test_evaluate"),
     (r"^python pictures/visualize\.py ", "test_visualize"),
     (r"^python models/convert\.py ", "test_convert"),
@@ -443,11 +446,42 @@ def test_make_shards(tmp_path):
 def test_downstream(script):
     """README: `python finetune/<script> encoder=runs/pretrain/encoder.safetensors` (shared with the pre-emption
     tests; the encoder is the one-process reference run's)."""
-    (command,) = documented(rf"^python finetune/{script} ")
+    (command,) = documented(rf"^python finetune/{script} encoder=")
     assert argv(command)[0][:2] == [PYTHON, f"finetune/{script}"]
     run_dir = downstream_reference(script)
     summary = json.loads((run_dir / "eval.json").read_text())
     assert summary["n_images"] == 1000 and summary["steps"] == 40
+
+
+@pytest.mark.slow
+def test_attentive_probe_command(tmp_path):
+    """README: the attentive probe through its documented file (cached fp16 tokens, AdamW), on the one-process
+    reference run's encoder; exactly-once evaluation over the whole test split."""
+    (command,) = documented(r"^python finetune/linprobe\.py finetune/configs/probe_attentive\.yaml ")
+    encoder = pretrain_reference(1) / "encoder.safetensors"
+    run_dir = tmp_path / "run"
+    small = [f"run.output_dir={run_dir}", "run.steps=4", "data.global_batch=8", "data.eval_batch=100",
+             "data.num_workers=1", "run.trackers=none", "run.progress=false"]
+    run_ok(*argv(command.replace("runs/pretrain/encoder.safetensors", str(encoder)), program_sizes=small))
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["probe"]["head"] == "attentive"
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert result["n_images"] == 1000 and result["steps"] == 4
+
+
+@pytest.mark.slow
+def test_plan_commands(tmp_path):
+    """README: each `--plan` command as written (plan size options and the tiny model appended): a plan.json in the
+    run directory, the figures printed, and the machines named with --plan-for priced."""
+    for i, command in enumerate(documented(r"^python pretrain/mae\.py .*--plan( |$)")):
+        run_dir = tmp_path / f"run{i}"
+        out = run_ok(*argv(command, program_sizes=[*sizes(run_dir, steps=20), "--plan-steps", "5",
+                                                   "--plan-loader-sec", "0.2"]))
+        plan = json.loads((run_dir / "plan.json").read_text())
+        assert plan["predicted"]["wall_clock"]["total_sec"] > 0 and "[predicted]" in out
+        if "--plan-for H100x8" in command:
+            (h100,) = plan["predicted"]["targets"]
+            assert (h100["name"], h100["count"]) == ("H100", 8) and h100["cost"] == pytest.approx(
+                2.50 * h100["device_hours"])
 
 
 @pytest.mark.slow
