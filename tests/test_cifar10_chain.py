@@ -112,6 +112,17 @@ def test_recorded_commands_name_no_folder_of_the_machine(tmp_path):
     assert header["name"] == "x" and header["threads"] == "2" and header["started"] == "then"
 
 
+def test_a_relative_path_in_the_recipe_command_is_recorded_by_its_name(tmp_path, monkeypatch):
+    """A tarball or folder given relative to the current directory (`--tarball ../x.tar.gz`, `--work=w`) is
+    recorded by its name, as an absolute one is."""
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    args = SimpleNamespace(argv=["--tarball", "../c.tar.gz", "--work=w", "--threads", "2"], work="w",
+                           cifar_dir=str(tmp_path / "c"), docs=None, tarball="../c.tar.gz")
+    header = options.header("recipes/cifar10/chain.py", args, {}, "then", 0.0)
+    assert header["command"] == "python recipes/cifar10/chain.py --tarball TARBALL --work=WORK --threads 2"
+
+
 def test_page_blocks_are_replaced_in_place_appended_when_new_and_prose_kept(tmp_path):
     page = tmp_path / "PAGE.md"
     page.write_text("# Title\n\nHand-written prose.\n<!-- tessera:begin a -->\nold a\n<!-- tessera:end a -->\n\n"

@@ -126,7 +126,7 @@ last, median {fmt(m['images_per_sec'], 0)} images/s, {fmt_seconds(p['seconds'])}
 
 ![pretraining loss](results/{r['files']['loss_curve']}){recon_note}
 
-Command: `{r['command']}`. Stages as they ran (from the repository root; WORK and CIFAR_DIR stand for the run's \
---work and --cifar-dir):
+Command: `{r['command']}`. Stages as they ran (from the repository root; WORK, CIFAR_DIR and TARBALL stand for the \
+run's --work, --cifar-dir and --tarball):
 
 {stage_rows(r)}"""

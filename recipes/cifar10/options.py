@@ -51,10 +51,19 @@ def folders(args) -> dict[str, Path]:
     return {label: Path(path).resolve() for label, path in named.items() if path}
 
 
+def absolute(argv: list[str], named: dict[str, Path]) -> list[str]:
+    """`argv` with each argument that names one of the `named` folders or files (alone or as `--opt=PATH`) written
+    as its resolved path, so that `public` can name it: a relative `--tarball ../x.tar.gz` too."""
+    def one(arg: str) -> str:
+        opt, eq, value = arg.rpartition("=") if arg.startswith("--") and "=" in arg else ("", "", arg)
+        return f"{opt}{eq}{Path(value).resolve()}" if value and Path(value).resolve() in named.values() else arg
+    return [one(a) for a in argv]
+
+
 def header(prog: str, args, env: dict, started: str, t0: float, **fields) -> dict:
     """The record's header: `fields`, the times, the recipe's own command as the page shows it, the thread count."""
     return {**fields, "started": started, "finished": now_iso(), "total_seconds": round(time.perf_counter() - t0, 1),
-            "command": public(shlex.join(["python", prog, *args.argv]), folders(args)),
+            "command": public(shlex.join(["python", prog, *absolute(args.argv, folders(args))]), folders(args)),
             "threads": env.get("OMP_NUM_THREADS")}
 
 
