@@ -68,7 +68,8 @@ def shell_join(cmd: list[str]) -> str:
 def public(text: str, folders: dict[str, Path]) -> str:
     """`text` with each folder's path written as its name (e.g. WORK) and the repository's own prefix dropped, so a
     recorded command names no folder of the machine it ran on."""
-    for label, folder in sorted(folders.items(), key=lambda item: -len(str(item[1]))):  # longest first: c.tar.gz, then c
+    # longest path first, so that a file beside a folder (c.tar.gz beside c) keeps its own name
+    for label, folder in sorted(folders.items(), key=lambda item: -len(str(item[1]))):
         text = text.replace(str(folder), label)
     return text.replace(f"{REPO}/", "")
 
