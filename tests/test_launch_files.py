@@ -41,6 +41,8 @@ from helpers_launch import (
 )
 from helpers_slurm import requeues, sbatch_env
 
+from launch.plan_report import check_plan
+
 DOCS = [ROOT / "README.md", ROOT / "docs" / "LAUNCH.md"]
 SBATCH = "launch/slurm/pretrain.sbatch"
 LAUNCH_FILES = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "launch" / "accelerate").glob("*.yaml"))
@@ -477,7 +479,9 @@ def test_plan_commands(tmp_path):
         out = run_ok(*argv(command, program_sizes=[*sizes(run_dir, steps=20), "--plan-steps", "5",
                                                    "--plan-loader-sec", "0.2"]))
         plan = json.loads((run_dir / "plan.json").read_text())
+        assert check_plan(plan) == []
         assert plan["predicted"]["wall_clock"]["total_sec"] > 0 and "[predicted]" in out
+        assert "bound" in out and "wall-clock" in out
         if "--plan-for H100x8" in command:
             (h100,) = plan["predicted"]["targets"]
             assert (h100["name"], h100["count"]) == ("H100", 8) and h100["cost"] == pytest.approx(
